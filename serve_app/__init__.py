@@ -1,0 +1,3 @@
+"""rfloc-serve: radio transmitter localization from receiver-network IQ captures."""
+
+__version__ = "0.1.0"
