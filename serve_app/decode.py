@@ -1,0 +1,440 @@
+"""Capture decoding: request JSON → validated complex64 arrays and canonical cache-key bytes.
+
+Every problem with a request is raised as `InvalidInput` naming the offending field with a
+dotted path such as ``receivers[2].iq_b64``; nothing else escapes for any input.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from serve_app.constants import (
+    CENTER_FREQ_HZ,
+    DEFAULT_CONFIDENCE,
+    MIN_RECEIVERS,
+    N_SAMPLES,
+    SAMPLE_RATE_HZ,
+)
+from serve_app.errors import InvalidInput
+from serve_app.receivers import ReceiverNetwork
+from serve_app.schemas import (
+    FIELD_ERROR_TYPE,
+    MAX_BATCH_CAPTURES,
+    MAX_RECEIVER_ID_LEN,
+    MAX_RECEIVERS,
+    CaptureRequest,
+    ReceiverCapture,
+)
+
+try:
+    import pybase64 as _b64
+except ImportError:  # pragma: no cover - pybase64 is a dependency; stdlib is the fallback
+    import base64 as _b64  # type: ignore[no-redef]
+
+CENTER_FREQ_TOLERANCE_HZ = 1e6
+INT16_SCALE = 1.0 / 32768.0
+# Prefix of the canonical bytes; bump when their layout changes so old cache keys never match.
+CANONICAL_TAG = b"rfloc.capture.v1\x00"
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DTYPE_ITEMSIZE = {"complex64": 8, "int16": 4}
+_CAPTURE_KEYS = frozenset(CaptureRequest.model_fields)
+_RECEIVER_KEYS = frozenset(ReceiverCapture.model_fields)
+
+# The scalar fields of CaptureRequest (everything but `receivers`), with the same
+# constraints; the raw-dict path validates these with pydantic and the receivers by hand.
+_CaptureOptions: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "_CaptureOptions",
+    __config__=ConfigDict(extra="forbid"),
+    **{
+        name: (info.annotation, info)
+        for name, info in CaptureRequest.model_fields.items()
+        if name != "receivers"
+    },
+)
+
+# (receiver id, iq pairs or None, iq_b64 or None, dtype)
+_RawReceiver = tuple[str, Any, str | None, str]
+
+
+@dataclass
+class DecodedCapture:
+    """A decoded, validated capture."""
+
+    iq: np.ndarray  # complex64 [n_present, n_samples], rows in request order
+    receiver_ids: list[str]
+    slots: np.ndarray  # int64 slot of each row's receiver in the network
+    canonical: bytes  # order-independent bytes identifying the capture (cache key input)
+
+
+def loc_to_field(loc: Sequence[int | str], prefix: str = "") -> str:
+    """Join a pydantic error location into a dotted path: ('receivers', 2, 'iq') → receivers[2].iq.
+
+    Keys that are not identifiers (client-chosen extra keys) are quoted: ``receivers[0]["a.b"]``.
+    """
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _IDENTIFIER.fullmatch(str(part)):
+            out = f"{out}.{part}" if out else str(part)
+        else:
+            out += f"[{orjson.dumps(str(part)).decode()}]"
+    return out or "body"
+
+
+def validation_error_to_invalid(exc: ValidationError, prefix: str = "") -> InvalidInput:
+    """The `InvalidInput` describing the first error of a pydantic `ValidationError`."""
+    errors = exc.errors(include_url=False, include_input=False)
+    if not errors:  # pragma: no cover - pydantic never raises an empty error list
+        return InvalidInput(prefix or "body", "invalid request")
+    err = errors[0]
+    if err["type"] == "json_invalid":
+        return InvalidInput(prefix or "body", f"malformed JSON: {err['msg']}", 400)
+    loc = list(err["loc"])
+    ctx = err.get("ctx") or {}
+    if err["type"] == FIELD_ERROR_TYPE and "field" in ctx:
+        loc.append(str(ctx["field"]))
+    message = str(err["msg"])
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return InvalidInput(loc_to_field(loc, prefix), message, 422)
+
+
+def _check_size(body: bytes | str, max_body_bytes: int | None) -> None:
+    if max_body_bytes is not None and len(body) > max_body_bytes:
+        raise InvalidInput(
+            "body", f"request body of {len(body)} bytes exceeds the limit of {max_body_bytes}", 413
+        )
+
+
+def decode_raw_body(body: bytes | str, *, max_body_bytes: int | None = None) -> CaptureRequest:
+    """Parse and validate a POST /predict body into a `CaptureRequest`."""
+    _check_size(body, max_body_bytes)
+    # pydantic's single-pass JSON validation: measured 2x faster than orjson.loads followed by
+    # model_validate for the `iq` pairs form (fewer GC-tracked temporaries), equal for iq_b64.
+    try:
+        return CaptureRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise validation_error_to_invalid(exc) from None
+
+
+def parse_json(body: bytes | str, *, max_body_bytes: int | None = None) -> Any:
+    """Parse a JSON body with orjson; malformed JSON → `InvalidInput('body', …, 400)`."""
+    _check_size(body, max_body_bytes)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput("body", f"malformed JSON: {exc}", 400) from None
+
+
+def validate_capture(obj: Any, *, prefix: str = "") -> CaptureRequest:
+    """Validate an already parsed capture object; error fields are prefixed with `prefix`."""
+    try:
+        return CaptureRequest.model_validate(obj)
+    except ValidationError as exc:
+        raise validation_error_to_invalid(exc, prefix) from None
+
+
+def decode_raw_batch(
+    body: bytes | str, *, max_body_bytes: int | None = None
+) -> list[CaptureRequest | InvalidInput]:
+    """Parse a POST /predict/batch body; each capture is validated on its own.
+
+    A malformed envelope raises `InvalidInput`; a bad capture yields its `InvalidInput`
+    (field prefixed ``captures[i].``) in its slot so that it does not fail the others.
+    """
+    obj = parse_json(body, max_body_bytes=max_body_bytes)
+    if not isinstance(obj, dict):
+        raise InvalidInput("body", "expected a JSON object with a 'captures' list")
+    for key in obj:
+        if key != "captures":
+            raise InvalidInput(loc_to_field([str(key)]), "Extra inputs are not permitted")
+    if "captures" not in obj:
+        raise InvalidInput("captures", "Field required")
+    captures = obj["captures"]
+    if not isinstance(captures, list):
+        raise InvalidInput("captures", "must be a list of captures")
+    if not 1 <= len(captures) <= MAX_BATCH_CAPTURES:
+        raise InvalidInput(
+            "captures", f"must hold 1 to {MAX_BATCH_CAPTURES} captures, got {len(captures)}"
+        )
+    out: list[CaptureRequest | InvalidInput] = []
+    for i, item in enumerate(captures):
+        try:
+            out.append(validate_capture(item, prefix=f"captures[{i}]"))
+        except InvalidInput as exc:
+            out.append(exc)
+    return out
+
+
+def _unpack_model(req: CaptureRequest) -> tuple[list[_RawReceiver], float, float, float]:
+    receivers: list[_RawReceiver] = [(r.id, r.iq, r.iq_b64, r.dtype) for r in req.receivers]
+    return receivers, req.sample_rate_hz, req.center_freq_hz, req.confidence_level
+
+
+def _unpack_raw(obj: Any) -> tuple[list[_RawReceiver], float, float, float]:
+    """Validate a raw (parsed JSON) capture without building pydantic models for the IQ."""
+    if not isinstance(obj, Mapping):
+        raise InvalidInput("body", "expected a JSON object")
+    for key in obj:
+        if key not in _CAPTURE_KEYS:
+            raise InvalidInput(loc_to_field([str(key)]), "Extra inputs are not permitted")
+    try:
+        options: Any = _CaptureOptions.model_validate(
+            {k: v for k, v in obj.items() if k != "receivers"}
+        )
+    except ValidationError as exc:
+        raise validation_error_to_invalid(exc) from None
+    if "receivers" not in obj:
+        raise InvalidInput("receivers", "Field required")
+    raw = obj["receivers"]
+    if not isinstance(raw, list):
+        raise InvalidInput("receivers", "must be a list of receiver captures")
+    if not 1 <= len(raw) <= MAX_RECEIVERS:
+        raise InvalidInput("receivers", f"must hold 1 to {MAX_RECEIVERS} receivers, got {len(raw)}")
+    receivers: list[_RawReceiver] = []
+    for i, r in enumerate(raw):
+        where = f"receivers[{i}]"
+        if not isinstance(r, Mapping):
+            raise InvalidInput(where, "must be an object with 'id' and 'iq' or 'iq_b64'")
+        for key in r:
+            if key not in _RECEIVER_KEYS:
+                raise InvalidInput(
+                    loc_to_field([str(key)], where), "Extra inputs are not permitted"
+                )
+        rid = r.get("id")
+        if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_RECEIVER_ID_LEN:
+            raise InvalidInput(
+                f"{where}.id", f"must be a string of 1 to {MAX_RECEIVER_ID_LEN} characters"
+            )
+        dtype = r.get("dtype", "complex64")
+        if not isinstance(dtype, str) or dtype not in _DTYPE_ITEMSIZE:
+            raise InvalidInput(f"{where}.dtype", "must be 'complex64' or 'int16'")
+        iq, b64 = r.get("iq"), r.get("iq_b64")
+        if iq is not None and b64 is not None:
+            raise InvalidInput(f"{where}.iq_b64", "give exactly one of 'iq' or 'iq_b64', not both")
+        if iq is None and b64 is None:
+            raise InvalidInput(f"{where}.iq", "one of 'iq' or 'iq_b64' is required")
+        if b64 is not None and not isinstance(b64, str):
+            raise InvalidInput(f"{where}.iq_b64", "must be a base64 string")
+        if iq is not None and dtype == "int16":
+            raise InvalidInput(
+                f"{where}.dtype", "dtype applies to 'iq_b64' only; 'iq' pairs are floats"
+            )
+        receivers.append((rid, iq, b64, dtype))
+    return (
+        receivers,
+        options.sample_rate_hz,
+        options.center_freq_hz,
+        options.confidence_level,
+    )
+
+
+def _check_receivers(receivers: list[_RawReceiver], network: ReceiverNetwork) -> np.ndarray:
+    """Slots of the receivers; unknown, duplicate or too few receivers → InvalidInput."""
+    slots = np.empty(len(receivers), np.int64)
+    first_row: dict[str, int] = {}
+    for i, (rid, _, _, _) in enumerate(receivers):
+        try:
+            slots[i] = network.index(rid)
+        except KeyError:
+            raise InvalidInput(
+                f"receivers[{i}].id",
+                f"unknown receiver {rid!r}; valid ids: {', '.join(network.ids)}",
+            ) from None
+        if rid in first_row:
+            raise InvalidInput(
+                f"receivers[{i}].id",
+                f"duplicate receiver {rid!r} (also receivers[{first_row[rid]}])",
+            )
+        first_row[rid] = i
+    if len(receivers) < MIN_RECEIVERS:
+        raise InvalidInput(
+            "receivers",
+            f"at least {MIN_RECEIVERS} distinct receivers are required, got {len(receivers)}",
+        )
+    return slots
+
+
+def _check_scalars(
+    rate_hz: float,
+    freq_hz: float,
+    confidence: float,
+    network: ReceiverNetwork,
+    sample_rate_hz: float,
+) -> None:
+    # Written as `not (ok)` so that NaN fails every check.
+    if not rate_hz == sample_rate_hz:
+        raise InvalidInput(
+            "sample_rate_hz",
+            f"must be the network's sample rate {sample_rate_hz:g} Hz, got {rate_hz:g}",
+        )
+    net_freq_hz = float(network.spec.center_freq_hz)
+    if not abs(freq_hz - net_freq_hz) <= CENTER_FREQ_TOLERANCE_HZ:
+        raise InvalidInput(
+            "center_freq_hz",
+            f"must be within {CENTER_FREQ_TOLERANCE_HZ / 1e6:g} MHz of the network's "
+            f"{net_freq_hz:.0f} Hz, got {freq_hz:g}",
+        )
+    if not 0.0 < confidence < 1.0:
+        raise InvalidInput("confidence_level", f"must be in (0, 1), got {confidence:g}")
+
+
+def _decode_b64(text: str, dtype: str, n_samples: int, field: str) -> np.ndarray:
+    try:
+        raw = _b64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(field, f"not valid base64: {exc}") from None
+    if not raw:
+        raise InvalidInput(field, "is empty: no IQ samples")
+    itemsize = _DTYPE_ITEMSIZE[dtype]
+    if len(raw) % itemsize:
+        layout = "complex64 samples" if dtype == "complex64" else "int16 I,Q sample pairs"
+        raise InvalidInput(
+            field,
+            f"decoded length {len(raw)} bytes is not a multiple of {itemsize} ({layout})",
+        )
+    n = len(raw) // itemsize
+    if n != n_samples:
+        raise InvalidInput(field, f"wrong sample count: got {n} samples, expected {n_samples}")
+    if dtype == "complex64":
+        return np.frombuffer(raw, "<c8")
+    scaled = np.frombuffer(raw, "<i2").astype(np.float32)
+    scaled *= np.float32(INT16_SCALE)
+    return scaled.view(np.complex64)
+
+
+def _decode_pairs(pairs: Any, n_samples: int, field: str) -> np.ndarray:
+    if not isinstance(pairs, list | tuple):
+        raise InvalidInput(field, "must be a list of [I, Q] pairs")
+    if not pairs:
+        raise InvalidInput(field, "is empty: no IQ samples")
+    if len(pairs) != n_samples:
+        raise InvalidInput(
+            field, f"wrong sample count: got {len(pairs)} samples, expected {n_samples}"
+        )
+    try:
+        with np.errstate(all="ignore"):  # float32 overflow becomes inf, rejected below
+            arr = np.asarray(pairs, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(field, "must be a list of [I, Q] number pairs") from None
+    if arr.shape != (n_samples, 2):
+        raise InvalidInput(field, "must be a list of [I, Q] number pairs")
+    return np.ascontiguousarray(arr).view(np.complex64)[:, 0]
+
+
+def _check_values(iq: np.ndarray, receivers: list[_RawReceiver], max_abs: float) -> None:
+    # Peak |I| or |Q| per row: NaN propagates through max/min, so this finds NaN, Inf and
+    # outliers; reductions only, no temporary as large as the capture.
+    parts = iq.view(np.float32)
+    peak = np.maximum(parts.max(axis=1), -parts.min(axis=1))
+    bad = np.flatnonzero(~(peak <= max_abs))
+    if bad.size:
+        i = int(bad[0])
+        field = f"receivers[{i}].{'iq_b64' if receivers[i][2] is not None else 'iq'}"
+        if not math.isfinite(float(peak[i])):
+            raise InvalidInput(field, "contains non-finite values (NaN or Inf)")
+        raise InvalidInput(field, f"contains values of magnitude above {max_abs:g}")
+
+
+def _canonical(iq: np.ndarray, slots: np.ndarray, rate_hz: float, freq_hz: float) -> bytes:
+    """Tag, shape, slots and samples sorted by slot (little-endian), sample rate, centre freq."""
+    order = np.argsort(slots, kind="stable")
+    rows = iq if (order[1:] > order[:-1]).all() else iq[order]  # copy only if out of order
+    return b"".join(
+        (
+            CANONICAL_TAG,
+            np.array(iq.shape, "<i8").tobytes(),
+            slots[order].astype("<i8").tobytes(),
+            np.ascontiguousarray(rows, "<c8").reshape(-1).view(np.uint8).data,
+            np.array([rate_hz, freq_hz], "<f8").tobytes(),
+        )
+    )
+
+
+def decode_capture(
+    req: CaptureRequest | Mapping[str, Any],
+    network: ReceiverNetwork,
+    *,
+    n_samples: int = N_SAMPLES,
+    sample_rate_hz: float = SAMPLE_RATE_HZ,
+    max_abs: float = 1e6,
+) -> DecodedCapture:
+    """Validate a capture (a `CaptureRequest` or its parsed-JSON dict) and decode its IQ."""
+    if isinstance(req, CaptureRequest):
+        receivers, rate_hz, freq_hz, confidence = _unpack_model(req)
+    else:
+        receivers, rate_hz, freq_hz, confidence = _unpack_raw(req)
+    slots = _check_receivers(receivers, network)
+    _check_scalars(rate_hz, freq_hz, confidence, network, sample_rate_hz)
+    iq = np.empty((len(receivers), n_samples), np.complex64)
+    for i, (_, pairs, b64, dtype) in enumerate(receivers):
+        if b64 is not None:
+            iq[i] = _decode_b64(b64, dtype, n_samples, f"receivers[{i}].iq_b64")
+        else:
+            iq[i] = _decode_pairs(pairs, n_samples, f"receivers[{i}].iq")
+    _check_values(iq, receivers, max_abs)
+    return DecodedCapture(
+        iq=iq,
+        receiver_ids=[r[0] for r in receivers],
+        slots=slots,
+        canonical=_canonical(iq, slots, rate_hz, freq_hz),
+    )
+
+
+def iq_to_b64(row: np.ndarray, dtype: Literal["complex64", "int16"] = "complex64") -> str:
+    """Base64 of one receiver's IQ as little-endian complex64 or interleaved int16 I,Q."""
+    arr = np.asarray(row, np.complex64)
+    if dtype == "complex64":
+        raw = arr.astype("<c8").tobytes()
+    else:
+        with np.errstate(all="ignore"):
+            scaled = np.rint(arr.view(np.float32) * 32768.0)
+        raw = np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
+    return _b64.b64encode(raw).decode("ascii")
+
+
+def encode_capture(
+    iq: np.ndarray,
+    receiver_ids: Sequence[str],
+    *,
+    form: Literal["b64", "pairs", "int16"] = "b64",
+    confidence_level: float = DEFAULT_CONFIDENCE,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Build a POST /predict request dict from IQ [R, S] (complex64) and the receivers' ids.
+
+    `extra` adds or overrides top-level fields (e.g. sample_rate_hz, session_id, cache).
+    """
+    arr = np.ascontiguousarray(iq, dtype=np.complex64)
+    if arr.ndim != 2:
+        raise ValueError(f"iq must be 2-D [receivers, samples], got shape {arr.shape}")
+    if len(receiver_ids) != arr.shape[0]:
+        raise ValueError(f"{len(receiver_ids)} receiver ids for {arr.shape[0]} IQ rows")
+    receivers: list[dict[str, Any]] = []
+    for rid, row in zip(receiver_ids, arr, strict=True):
+        if form == "b64":
+            receivers.append({"id": rid, "iq_b64": iq_to_b64(row)})
+        elif form == "pairs":
+            receivers.append({"id": rid, "iq": row.view(np.float32).reshape(-1, 2).tolist()})
+        elif form == "int16":
+            receivers.append({"id": rid, "iq_b64": iq_to_b64(row, "int16"), "dtype": "int16"})
+        else:
+            raise ValueError(f"unknown form {form!r}; expected 'b64', 'pairs' or 'int16'")
+    body: dict[str, Any] = {
+        "receivers": receivers,
+        "sample_rate_hz": SAMPLE_RATE_HZ,
+        "center_freq_hz": CENTER_FREQ_HZ,
+        "confidence_level": confidence_level,
+    }
+    body.update(extra)
+    return body
