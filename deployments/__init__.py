@@ -1,0 +1,1 @@
+"""Thin Ray Serve deployments wrapping the `serve_app` core."""

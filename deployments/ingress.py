@@ -1,0 +1,315 @@
+"""Ingress: FastAPI HTTP API — validation, cache, the deployment chain, error mapping."""
+
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.cache import cache_key, make_cache
+from serve_app.decode import decode_capture, decode_raw_batch, decode_raw_body
+from serve_app.errors import InvalidInput, ModelError, RegistryUnavailable
+from serve_app.lifecycle import make_registry
+from serve_app.pipeline import Group, stack_captures
+from serve_app.receivers import load_network
+from serve_app.schemas import (
+    BatchRequest,
+    BatchResponse,
+    CaptureRequest,
+    ErrorResponse,
+    PredictResponse,
+)
+from serve_app.settings import AppArgs, EnvSettings, IngressConfig
+
+logger = logging.getLogger("ray.serve")
+
+RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    c: {"model": ErrorResponse} for c in (400, 401, 403, 404, 413, 422, 503)
+}
+
+app = FastAPI(
+    title="rfloc-serve",
+    description="Localize a radio transmitter from the IQ captures of a receiver network.",
+    version="0.1.0",
+)
+
+
+def _error(status: int, field: str | None, message: str, headers: dict | None = None) -> Response:
+    body = {"error": {"field": field, "message": message, "status": status}}
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def _err_dict(exc: InvalidInput) -> dict:
+    return {"field": exc.field, "message": exc.message, "status": exc.status_code}
+
+
+@app.exception_handler(Exception)
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s", request.url.path)
+    return JSONResponse({"error": {"field": None, "message": "internal error", "status": 500}},
+                        status_code=500)
+
+
+class Unavailable(Exception):
+    """The service cannot answer now (overload, no replica, registry); maps to 503."""
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """HTTP front: validates input, answers from the cache, drives the deployment chain."""
+
+    def __init__(self, preprocessor: DeploymentHandle, model: DeploymentHandle,
+                 postprocessor: DeploymentHandle, args: dict) -> None:
+        self._args = AppArgs.model_validate(args)
+        self._env = EnvSettings()
+        self._pre, self._model, self._post = preprocessor, model, postprocessor
+        self._network = load_network(self._args.receivers_path)
+        self._cache = make_cache(self._env.redis_url, self._args.cache_ttl_s,
+                                 self._args.cache_timeout_ms, self._args.local_cache_items)
+        self._registry = make_registry(self._env, self._args.model_name)
+        self._alias = self._args.model_alias
+        self._alias_version: str | None = None
+        self._registry_ok = True
+        self._poll_interval_s = 10.0
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="alias-poll", daemon=True)
+        self._poller.start()
+
+    def reconfigure(self, config: dict) -> None:
+        cfg = IngressConfig.model_validate(config or {})
+        self._poll_interval_s = cfg.poll_interval_s
+        alias = cfg.model_alias or self._args.model_alias
+        if alias != self._alias:
+            self._alias = alias
+            self._check_alias()
+
+    def _check_alias(self) -> None:
+        try:
+            self._alias_version = self._registry.get_alias(self._alias)
+            self._registry_ok = True
+        except RegistryUnavailable as exc:
+            if self._registry_ok:
+                logger.warning("registry unreachable: %s", exc)
+            self._registry_ok = False
+
+    def _poll(self) -> None:
+        while True:
+            self._check_alias()
+            if self._stop.wait(self._poll_interval_s):
+                return
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+    # -- the chain ---------------------------------------------------------------------------
+
+    async def _run_chain(self, captures: list[tuple[np.ndarray, np.ndarray]],
+                         confidence: list[float], pinned: str | None) -> Group:
+        group = stack_captures(captures, len(self._network), confidence)
+        model = self._model.options(multiplexed_model_id=pinned) if pinned else self._model
+        for attempt in range(self._args.retries + 1):
+            try:
+                feats = self._pre.remote(group)
+                out = model.remote(feats, self._alias, self._alias_version)
+                return await self._post.remote(out)
+            except BackPressureError as exc:
+                raise Unavailable(f"overloaded: {exc}") from exc
+            except RETRYABLE as exc:
+                if attempt == self._args.retries:
+                    raise Unavailable(f"replica failure after {attempt + 1} attempts") from exc
+                logger.warning("retrying after replica failure: %s", exc)
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _response(self, result: dict, model: dict, timing: dict, cache_hit: bool,
+                  t0: float) -> dict:
+        timing = {**timing, "total": (time.perf_counter() - t0) * 1000.0}
+        return {**result, "model": model, "cache_hit": cache_hit, "timing_ms": timing,
+                "request_id": uuid.uuid4().hex,
+                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
+
+    def _key(self, decoded, req: CaptureRequest, version: str | None) -> str | None:
+        if self._cache is None or not req.cache or version is None:
+            return None
+        return cache_key(version, decoded.canonical, req.confidence_level)
+
+    async def _predict_many(self, reqs: list[CaptureRequest | InvalidInput], pinned: str | None,
+                            prefix: bool) -> list[dict]:
+        """Per-item outcomes {"ok", "result" | "error"} for validated requests, in order."""
+        t0 = time.perf_counter()
+        out: list[dict | None] = [None] * len(reqs)
+        todo: list[tuple[int, Any, CaptureRequest, str | None]] = []
+        for i, req in enumerate(reqs):
+            if isinstance(req, InvalidInput):
+                out[i] = {"ok": False, "error": _err_dict(req)}
+                continue
+            try:
+                decoded = decode_capture(req, self._network)
+            except InvalidInput as exc:
+                if prefix:
+                    exc = InvalidInput(f"captures[{i}].{exc.field}", exc.message, exc.status_code)
+                out[i] = {"ok": False, "error": _err_dict(exc)}
+                continue
+            version = pinned or req.model_version or self._alias_version
+            key = self._key(decoded, req, version)
+            cached = await self._cache.get(key) if key else None
+            if cached is not None:
+                out[i] = {"ok": True, "result": self._response(
+                    cached["result"], cached["model"], {}, True, t0)}
+            else:
+                todo.append((i, decoded, req, key))
+        # One chain per distinct pinned version (usually just one chain).
+        by_version: dict[str | None, list] = {}
+        for item in todo:
+            by_version.setdefault(pinned or item[2].model_version, []).append(item)
+        for version, items in by_version.items():
+            group = await self._run_chain(
+                [(d.iq, d.slots) for _, d, _, _ in items],
+                [r.confidence_level for _, _, r, _ in items], version)
+            for j, (i, _, _, key) in enumerate(items):
+                err = group.errors[j]
+                if err is not None:
+                    if prefix and err.get("field"):
+                        err = {**err, "field": f"captures[{i}].{err['field']}"}
+                    out[i] = {"ok": False, "error": err}
+                    continue
+                result = group.results[j]
+                out[i] = {"ok": True, "result": self._response(
+                    result, group.model, group.timing_ms, False, t0)}
+                if key is not None and group.model["version"] == (version or self._alias_version):
+                    await self._cache.set(key, {"result": result, "model": group.model})
+        return out  # type: ignore[return-value]
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        limit = self._args.max_body_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise InvalidInput("body", f"request body of {declared} bytes exceeds the limit "
+                                       f"of {limit}", 413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InvalidInput("body", f"request body exceeds the limit of {limit} bytes", 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": CaptureRequest.model_json_schema(
+                      ref_template="#/components/schemas/{model}")}}}})
+    async def predict(self, request: Request) -> Response:
+        """Localize one capture."""
+        try:
+            body = await self._body(request)
+            req = await asyncio.to_thread(decode_raw_body, body)
+            pinned = request.headers.get("serve_multiplexed_model_id") or req.model_version
+            [item] = await self._predict_many([req], pinned, prefix=False)
+        except InvalidInput as exc:
+            return _error(exc.status_code, exc.field, exc.message)
+        except ModelError as exc:
+            return _error(404, "model_version", str(exc))
+        except Unavailable as exc:
+            return _error(503, None, str(exc), {"Retry-After": "1"})
+        if not item["ok"]:
+            e = item["error"]
+            return _error(e["status"], e["field"], e["message"])
+        return Response(orjson.dumps(item["result"]), media_type="application/json")
+
+    @app.post("/predict/batch", response_model=BatchResponse, responses=ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": BatchRequest.model_json_schema(
+                      ref_template="#/components/schemas/{model}")}}}})
+    async def predict_batch(self, request: Request) -> Response:
+        """Localize several captures; a bad capture gets its own error entry."""
+        try:
+            body = await self._body(request)
+            reqs = await asyncio.to_thread(decode_raw_batch, body)
+            if len(reqs) > self._args.max_batch_captures:
+                raise InvalidInput("captures", f"at most {self._args.max_batch_captures} "
+                                               f"captures per request, got {len(reqs)}", 413)
+            pinned = request.headers.get("serve_multiplexed_model_id")
+            items = await self._predict_many(reqs, pinned, prefix=True)
+        except InvalidInput as exc:
+            return _error(exc.status_code, exc.field, exc.message)
+        except ModelError as exc:
+            return _error(404, "model_version", str(exc))
+        except Unavailable as exc:
+            return _error(503, None, str(exc), {"Retry-After": "1"})
+        results = [{"index": i, **it} for i, it in enumerate(items)]
+        return Response(orjson.dumps({"results": results}), media_type="application/json")
+
+    @app.get("/receivers")
+    async def receivers(self) -> dict:
+        """The receiver network."""
+        net = self._network
+        return {"receivers": net.describe(), "enu_origin": {
+            "latitude": net.origin_lat, "longitude": net.origin_lon}}
+
+    @app.get("/model/info")
+    async def model_info(self) -> dict:
+        """What a model replica serves, the alias the service follows, and reload history."""
+        info = await self._model.info.remote()
+        return {**info, "alias": self._alias, "alias_version": self._alias_version,
+                "registry_ok": self._registry_ok and info.get("registry_ok", True)}
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        """Readiness: a model is loaded. Registry and cache state in the details."""
+        try:
+            info = await asyncio.wait_for(self._model.info.remote(), timeout=5.0)
+        except Exception as exc:  # any failure to reach a model replica means not ready
+            return _error(503, None, f"model not ready: {exc}", {"Retry-After": "2"})
+        registry_ok = self._registry_ok and info.get("registry_ok", True)
+        body = {
+            "status": "ok" if registry_ok else "degraded",
+            "model": info.get("model"),
+            "registry": "ok" if registry_ok else "degraded",
+            "cache": self._cache.health() if self._cache is not None else {"state": "off"},
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    @app.post("/model/reload", responses=ERRORS)
+    async def reload(self, request: Request) -> Response:
+        """Admin: re-resolve the alias now and swap every replica on its next request."""
+        denied = self._check_admin(request)
+        if denied is not None:
+            return denied
+        await asyncio.to_thread(self._check_alias)
+        if not self._registry_ok:
+            return _error(503, None, "registry unreachable; still serving the loaded model",
+                          {"Retry-After": "5"})
+        result = await self._model.reload.remote(self._alias)
+        return Response(orjson.dumps({"alias": self._alias, "alias_version": self._alias_version,
+                                      **result}), media_type="application/json")
+
+    def _check_admin(self, request: Request) -> Response | None:
+        token = self._env.admin_token
+        if token is None:
+            return _error(403, None, "admin endpoints are disabled: set RFLOC_ADMIN_TOKEN")
+        auth = request.headers.get("authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return _error(401, "Authorization", "bearer token required",
+                          {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            return _error(403, "Authorization", "invalid token")
+        return None

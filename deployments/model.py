@@ -1,0 +1,85 @@
+"""LocalizationModel: ONNX Runtime behind @serve.batch, following a registry alias."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+
+from ray import serve
+
+from serve_app.lifecycle import ModelManager, load_golden, make_registry
+from serve_app.pipeline import Group, infer
+from serve_app.receivers import load_network
+from serve_app.settings import AppArgs, EnvSettings, ModelConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+def _n_items(groups: list[Group]) -> int:
+    return sum(len(g) for g in groups)
+
+
+@serve.deployment
+class LocalizationModel:
+    """Runs the alias's model on batches; pinned versions via multiplexing."""
+
+    def __init__(self, args: dict) -> None:
+        app_args = AppArgs.model_validate(args)
+        network = load_network(app_args.receivers_path)
+        registry = make_registry(EnvSettings(), app_args.model_name)
+        self._manager = ModelManager(registry, app_args.model_alias, network.ids,
+                                     load_golden(app_args.default_model_dir))
+        self._manager.refresh()  # cold start: fail fast without a valid model
+        self._refresh_lock = asyncio.Lock()
+        self._batch_sizes: collections.Counter[int] = collections.Counter()
+        self._config = ModelConfig()
+
+    def reconfigure(self, config: dict) -> None:
+        cfg = ModelConfig.model_validate(config or {})
+        self._config = cfg
+        self.infer_batch.set_max_batch_size(cfg.max_batch_size)
+        self.infer_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._manager._max_pinned = cfg.max_pinned_versions
+
+    async def _follow(self, alias: str, version: str | None) -> None:
+        """Refresh when the ingress saw the alias move (once per new target)."""
+        cur = self._manager.current
+        if version is None or (cur and cur.ref["version"] == version and cur.ref["alias"] == alias):
+            return
+        refused = self._manager.last_refusal
+        if refused and refused["version"] == version and alias == self._manager.alias:
+            return
+        async with self._refresh_lock:
+            cur = self._manager.current
+            if cur and cur.ref["version"] == version and cur.ref["alias"] == alias:
+                return
+            await asyncio.to_thread(self._manager.refresh, alias)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_n_items)
+    async def infer_batch(self, groups: list[Group]) -> list[Group]:
+        loaded = self._manager.current  # one snapshot: a batch never mixes versions
+        self._batch_sizes[_n_items(groups)] += 1
+        return await asyncio.to_thread(infer, groups, loaded.localizer, loaded.ref)
+
+    @serve.multiplexed(max_num_models_per_replica=3)
+    async def get_pinned(self, version: str):
+        return await asyncio.to_thread(self._manager.pinned, version)
+
+    async def __call__(self, group: Group, alias: str, expected_version: str | None) -> Group:
+        pinned = serve.get_multiplexed_model_id()
+        if pinned:
+            loaded = await self.get_pinned(pinned)
+            return await asyncio.to_thread(infer, [group], loaded.localizer, loaded.ref)
+        await self._follow(alias, expected_version)
+        return await self.infer_batch(group)
+
+    async def info(self) -> dict:
+        return {**self._manager.info(), "batch_sizes": dict(self._batch_sizes),
+                "user_config": self._config.model_dump(), "pid": os.getpid()}
+
+    async def reload(self, alias: str) -> dict:
+        async with self._refresh_lock:
+            outcome = await asyncio.to_thread(self._manager.refresh, alias)
+        return {"outcome": outcome, **self._manager.info()}

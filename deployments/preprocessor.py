@@ -1,0 +1,35 @@
+"""Preprocessor: IQ → per-receiver features, batched across requests."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ray import serve
+
+from serve_app.pipeline import CaptureGroup, Group, preprocess
+from serve_app.receivers import load_network
+from serve_app.settings import BatchConfig
+
+
+def _n_captures(groups: list[CaptureGroup]) -> int:
+    return sum(len(g) for g in groups)
+
+
+@serve.deployment
+class Preprocessor:
+    """Vectorized feature extraction over every capture of a batch of requests."""
+
+    def __init__(self, receivers_path: str | None = None) -> None:
+        self._network = load_network(receivers_path)
+
+    def reconfigure(self, config: dict) -> None:
+        cfg = BatchConfig.model_validate(config or {})
+        self.featurize.set_max_batch_size(cfg.max_batch_size)
+        self.featurize.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_n_captures)
+    async def featurize(self, groups: list[CaptureGroup]) -> list[Group]:
+        return await asyncio.to_thread(preprocess, groups, self._network)
+
+    async def __call__(self, group: CaptureGroup) -> Group:
+        return await self.featurize(group)

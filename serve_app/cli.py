@@ -1,0 +1,212 @@
+"""The `rfloc` command line: serve, simulate, predict, and the model registry operations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from serve_app.settings import REPO_ROOT
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "serve_config.yaml"
+LOOPBACK_ENV = {
+    # Keep a single-node cluster on 127.0.0.1 (node IP, GCS, dashboard).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def _registry(model_name: str):
+    from serve_app.lifecycle import make_registry
+    from serve_app.settings import EnvSettings
+
+    return make_registry(EnvSettings(), model_name)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """Bootstrap the registry, then `serve run` the config in the foreground."""
+    import yaml
+
+    from serve_app.errors import RflocError
+    from serve_app.lifecycle import bootstrap
+    from serve_app.settings import AppArgs, EnvSettings
+
+    cfg = yaml.safe_load(Path(a.config).read_text())
+    app_cfg = cfg["applications"][0]
+    try:
+        args = AppArgs.model_validate(app_cfg.get("args") or {})
+        env = EnvSettings()
+        version = bootstrap(args, env)
+    except (RflocError, ValueError) as exc:
+        print(f"rfloc serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+    where = env.mlflow_tracking_uri or f"embedded registry in {env.state_dir}"
+    print(f"model {args.model_name}@{args.model_alias} -> version {version} ({where})", flush=True)
+    serve_bin = shutil.which("serve")
+    if serve_bin is None:
+        print("rfloc serve: the `serve` command (ray[serve]) is not installed", file=sys.stderr)
+        return 2
+    env_vars = {**LOOPBACK_ENV, **os.environ}
+    port = cfg.get("http_options", {}).get("port", 8000)
+    print(f"starting Ray Serve: http://127.0.0.1:{port}/docs  (Ctrl-C stops)", flush=True)
+    # `serve run` shuts Serve and the local Ray instance it started down on SIGINT; turn
+    # SIGTERM into SIGINT so that `kill` and container stops are just as clean.
+    # A shell may start us with SIGINT ignored (background jobs); the child must not inherit it.
+    child = subprocess.Popen(
+        [serve_bin, "run", str(a.config)], env=env_vars,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+    def forward(signum: int, _frame: object) -> None:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    return child.wait()
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    """Write simulated capture requests (a single request, or a batch) to a JSON file."""
+    import orjson
+
+    from serve_app.samples import make_samples
+
+    s = make_samples(a.n, a.seed, form=a.form, max_missing=a.max_missing)
+    body = s.requests[0] if a.n == 1 else {"captures": s.requests}
+    Path(a.out).write_bytes(orjson.dumps(body))
+    truth = [{"latitude": float(la), "longitude": float(lo)} for la, lo in s.truth_latlon]
+    if a.truth:
+        Path(a.truth).write_text(json.dumps(truth, indent=1))
+    print(f"wrote {a.n} capture(s) to {a.out}" + (f", truth to {a.truth}" if a.truth else ""))
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    """POST a request file to the service and print the answer."""
+    import httpx
+
+    body = Path(a.file).read_bytes()
+    path = "/predict/batch" if body.lstrip()[:20].startswith(b'{"captures"') else "/predict"
+    r = httpx.post(a.url.rstrip("/") + path, content=body, timeout=a.timeout,
+                   headers={"content-type": "application/json"})
+    out = r.json()
+    if not a.full and r.status_code == 200:
+        items = [x.get("result") for x in out["results"]] if "results" in out else [out]
+        out = [{k: v for k, v in (it or {}).items() if k != "geojson"} for it in items]
+    print(json.dumps(out, indent=2))
+    return 0 if r.status_code == 200 else 1
+
+
+def cmd_register(a: argparse.Namespace) -> int:
+    """Register an ONNX file (with its model card) as a new version."""
+    from serve_app.model import OnnxLocalizer
+    from serve_app.receivers import load_network
+
+    path = Path(a.path)
+    OnnxLocalizer(path, load_network().ids)  # refuse what would never load
+    card_path = Path(a.card) if a.card else path.with_name("model_card.json")
+    card = json.loads(card_path.read_text()) if card_path.is_file() else None
+    version = _registry(a.model_name).register(path, card, description=a.description)
+    print(f"registered {a.model_name} version {version}")
+    return 0
+
+
+def cmd_promote(a: argparse.Namespace) -> int:
+    """Point an alias at a version."""
+    _registry(a.model_name).set_alias(a.alias, a.version)
+    print(f"{a.model_name}@{a.alias} -> version {a.version}")
+    return 0
+
+
+def cmd_rollback(a: argparse.Namespace) -> int:
+    """Move an alias back to the version it pointed to before."""
+    version = _registry(a.model_name).rollback(a.alias)
+    print(f"{a.model_name}@{a.alias} -> version {version}")
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    """List versions, aliases and accuracy."""
+    rows = _registry(a.model_name).versions()
+    if a.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'version':>7}  {'aliases':<24} {'median km':>9} {'cov95':>6}  sha256")
+    for r in rows:
+        acc = r.get("accuracy") or {}
+        med = acc.get("median_m")
+        cov = acc.get("coverage_0.95")
+        print(f"{r['version']:>7}  {','.join(r.get('aliases') or []):<24} "
+              f"{(med / 1000) if med else float('nan'):>9.1f} "
+              f"{cov if cov is not None else float('nan'):>6.3f}  {(r.get('sha256') or '')[:12]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `rfloc`."""
+    p = argparse.ArgumentParser(prog="rfloc", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the service in the foreground (embedded defaults)")
+    s.add_argument("--config", default=str(DEFAULT_CONFIG))
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("simulate", help="write simulated capture requests to a file")
+    s.add_argument("--out", default="sample_request.json")
+    s.add_argument("--n", type=int, default=1)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--form", choices=["b64", "pairs", "int16"], default="b64")
+    s.add_argument("--max-missing", type=int, default=0)
+    s.add_argument("--truth", default=None, help="also write the true positions here")
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("predict", help="POST a request file to a running service")
+    s.add_argument("file")
+    s.add_argument("--url", default="http://127.0.0.1:8000")
+    s.add_argument("--timeout", type=float, default=30.0)
+    s.add_argument("--full", action="store_true", help="print the GeoJSON too")
+    s.set_defaults(func=cmd_predict)
+
+    for name, func, help_ in (
+        ("register", cmd_register, "register an ONNX model as a new version"),
+        ("promote", cmd_promote, "point an alias at a version"),
+        ("rollback", cmd_rollback, "move an alias back to its previous version"),
+        ("models", cmd_models, "list versions, aliases and accuracy"),
+    ):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--model-name", default="localization_model")
+        s.set_defaults(func=func)
+        if name == "register":
+            s.add_argument("path")
+            s.add_argument("--card", default=None)
+            s.add_argument("--description", default="")
+        if name == "promote":
+            s.add_argument("version")
+        if name in ("promote", "rollback"):
+            s.add_argument("--alias", default="production")
+        if name == "models":
+            s.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `rfloc` console script."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    a = build_parser().parse_args(argv)
+    from serve_app.errors import RflocError
+
+    try:
+        return int(a.func(a))
+    except RflocError as exc:
+        print(f"rfloc {a.cmd}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Settings in layers: defaults here, URLs and secrets from the environment, the rest in YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serve_app.schemas import MAX_BATCH_CAPTURES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models"
+
+
+class EnvSettings(BaseSettings):
+    """External systems and secrets, from the environment (prefix RFLOC_)."""
+
+    model_config = SettingsConfigDict(env_prefix="RFLOC_", extra="ignore")
+
+    state_dir: Path = Field(
+        default=Path.home() / ".rfloc",
+        description="Embedded registry (SQLite + artifacts) and model cache directory.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "RFLOC_MLFLOW_TRACKING_URI"),
+        description="MLflow server URL; unset = embedded SQLite registry under state_dir.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "RFLOC_REDIS_URL"),
+        description="Redis URL of the prediction cache; unset = in-process LRU (or off).",
+    )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token of the admin endpoints; unset = admin endpoints disabled.",
+    )
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app` (the `args:` of a serve config, or `key=value` to serve run)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_name: str = Field(default="localization_model", description="Registered model name.")
+    model_alias: str = Field(default="production", description="Alias the service follows.")
+    receivers_path: Path | None = Field(default=None, 
+                                         description="receivers.yaml (default: shipped).")
+    default_model_dir: Path = Field(
+        default=DEFAULT_MODEL_DIR,
+        description="Shipped model registered on first start when the alias is unset.",
+    )
+    bootstrap: bool = Field(default=True, description="Register the shipped model if needed.")
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Request body cap.")
+    max_batch_captures: int = Field(default=MAX_BATCH_CAPTURES, ge=1, le=MAX_BATCH_CAPTURES)
+    cache_ttl_s: float = Field(default=3600.0, gt=0, description="Prediction cache TTL.")
+    cache_timeout_ms: float = Field(default=50.0, gt=0, description="Per-call Redis timeout.")
+    local_cache_items: int = Field(
+        default=1024, ge=0, description="In-process LRU size when REDIS_URL is unset (0 = off).")
+    retries: int = Field(default=2, ge=0, le=5, description="Retries of a failed replica call.")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="End-to-end budget.")
+
+    @model_validator(mode="after")
+    def _paths_exist(self) -> AppArgs:
+        if self.bootstrap and not (self.default_model_dir / "localization_model.onnx").is_file():
+            raise ValueError(
+                f"default_model_dir: no localization_model.onnx in {self.default_model_dir}"
+            )
+        if self.receivers_path is not None and not self.receivers_path.is_file():
+            raise ValueError(f"receivers_path: file not found: {self.receivers_path}")
+        return self
+
+
+class BatchConfig(BaseModel):
+    """`user_config` of a batching deployment; applied in `reconfigure()`."""
+
+    max_batch_size: int = Field(default=64, ge=MAX_BATCH_CAPTURES, le=1024,
+                                description="Captures per batch (>= the batch endpoint's cap).")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0.0, le=1.0)
+
+
+class ModelConfig(BatchConfig):
+    """`user_config` of LocalizationModel."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    max_pinned_versions: int = Field(default=3, ge=1, le=16,
+                                     description="Pinned versions kept loaded per replica.")
+
+
+class IngressConfig(BaseModel):
+    """`user_config` of the Ingress: which alias the service follows and how often it looks."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_alias: str | None = Field(default=None, description="Override of args.model_alias.")
+    poll_interval_s: float = Field(default=10.0, ge=0.5, description="Registry alias poll.")

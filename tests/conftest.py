@@ -1,0 +1,125 @@
+"""Shared fixtures: the receiver network, simulated payloads, and one real Ray cluster.
+
+Tiers: plain unit tests use no Ray; `local_serve` runs deployments in Serve's local testing
+mode; tests marked `ray` share one local Ray cluster per session with the shipped serve
+config deployed on a loopback port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = REPO / "configs" / "serve_config.yaml"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+REDIS_TEST_URL = "redis://127.0.0.1:6379/3"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Ray reads this when it is imported: keep every test cluster on 127.0.0.1.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float = 180.0, status: int = 200) -> httpx.Response:
+    """Poll `url` until it answers `status`, or fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url, timeout=5.0)
+            if r.status_code == status:
+                return r
+            last = r.status_code
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout_s} s (last: {last})")
+
+
+@pytest.fixture(scope="session")
+def network():
+    from serve_app.receivers import load_network
+
+    return load_network()
+
+
+@pytest.fixture(scope="session")
+def sample_requests():
+    """Eight simulated standard captures per form, shared with load/."""
+    from serve_app.samples import make_samples
+
+    return {form: make_samples(8, seed=11, form=form).requests
+            for form in ("b64", "pairs", "int16")}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster for the session (2 CPUs, loopback only)."""
+    import ray
+
+    state = tmp_path_factory.mktemp("rfloc-state")
+    env = {"RFLOC_STATE_DIR": str(state), "RFLOC_ADMIN_TOKEN": ADMIN_TOKEN,
+           "REDIS_URL": REDIS_TEST_URL}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # inherited by the raylet and so by every replica
+    ray.init(num_cpus=2, include_dashboard=False, namespace="serve",
+             logging_level="warning", log_to_driver=False)
+    try:
+        yield {"state_dir": state}
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def shipped_config(port: int) -> dict:
+    """The shipped serve config with its HTTP port moved."""
+    cfg = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    cfg["http_options"]["port"] = port
+    return cfg
+
+
+def deploy_config(cfg: dict) -> None:
+    """Deploy a serve config dict the way `serve run CONFIG` does."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    client = serve_start(http_options=cfg["http_options"],
+                         proxy_location=cfg.get("proxy_location"))
+    client.deploy_apps(ServeDeploySchema.model_validate(cfg))
+
+
+@pytest.fixture(scope="session")
+def app_url(ray_cluster):
+    """Base URL of the shipped config running on the session's cluster."""
+    port = free_port()
+    cfg = shipped_config(port)
+    deploy_config(cfg)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health")
+    yield url
+
+
+@pytest.fixture(scope="session")
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}

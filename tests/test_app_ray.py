@@ -1,0 +1,170 @@
+"""The shipped serve config on a real local Ray cluster: HTTP API, batching, bad input."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import deploy_config, shipped_config
+
+pytestmark = pytest.mark.ray
+
+
+def post(url: str, body: dict, path: str = "/predict", **kw) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=60.0, **kw)
+
+
+@pytest.mark.parametrize("form", ["b64", "pairs", "int16"])
+def test_predict_each_encoding(app_url, sample_requests, form):
+    body = {**sample_requests[form][0], "cache": False}
+    r = post(app_url, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model"]["name"] == "localization_model" and out["model"]["version"]
+    assert out["cache_hit"] is False
+    u = out["uncertainty"]
+    assert u["semi_major_m"] >= u["semi_minor_m"] > 0
+    assert u["confidence_level"] == 0.95
+    kinds = [f["properties"]["kind"] for f in out["geojson"]["features"]]
+    assert kinds == ["position", "uncertainty_ellipse"]
+    ring = out["geojson"]["features"][1]["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1] and len(ring) > 10
+    assert set(out["receivers_used"]) <= {r["id"] for r in body["receivers"]}
+    assert {"preprocess", "inference", "postprocess", "total"} <= set(out["timing_ms"])
+
+
+def test_same_capture_same_answer_across_encodings(app_url, sample_requests):
+    a = post(app_url, {**sample_requests["b64"][1], "cache": False}).json()
+    b = post(app_url, {**sample_requests["pairs"][1], "cache": False}).json()
+    assert a["position"] == pytest.approx(b["position"], abs=1e-9)
+
+
+def _bad_inputs(good: dict) -> list[tuple[str, dict | bytes, int, str]]:
+    """(name, body, status, field substring) for the bad-input classes of the API."""
+    r0 = good["receivers"]
+
+    def with_rx(i: int, **kw) -> dict:
+        b = copy.deepcopy(good)
+        b["receivers"][i] = {"id": r0[i]["id"], **kw}
+        return b
+
+    nan_iq = np.zeros(4800, np.complex64)
+    nan_iq[7] = np.nan
+    nan_b64 = base64.b64encode(nan_iq.tobytes()).decode()
+    return [
+        ("unknown receiver", {**good, "receivers": [{**r0[0], "id": "atlantis"}, *r0[1:]]},
+         422, "receivers[0].id"),
+        ("fewer than 3", {**good, "receivers": r0[:2]}, 422, "receivers"),
+        ("duplicate receiver", {**good, "receivers": [r0[0], r0[0], *r0[2:]]},
+         422, "receivers[1].id"),
+        ("bad base64", with_rx(0, iq_b64="!!not base64!!"), 422, "receivers[0].iq_b64"),
+        ("odd byte length", with_rx(1, iq_b64=base64.b64encode(b"\x00" * 12).decode()),
+         422, "receivers[1].iq_b64"),
+        ("odd IQ pairs", with_rx(2, iq=[[0.1, 0.2, 0.3]] * 4800), 422, "receivers[2].iq"),
+        ("NaN", with_rx(0, iq_b64=nan_b64), 422, "receivers[0].iq_b64"),
+        ("Inf", with_rx(0, iq=[[1e39, 0.0]] * 4800), 422, "receivers[0].iq"),
+        ("empty IQ", with_rx(0, iq=[]), 422, "receivers[0].iq"),
+        ("wrong sample count", with_rx(0, iq=[[0.0, 0.0]] * 100), 422, "receivers[0].iq"),
+        ("wrong sample rate", {**good, "sample_rate_hz": 96000}, 422, "sample_rate_hz"),
+        ("confidence 0", {**good, "confidence_level": 0.0}, 422, "confidence_level"),
+        ("confidence 1.5", {**good, "confidence_level": 1.5}, 422, "confidence_level"),
+        ("wrong types", {**good, "receivers": "torino"}, 422, "receivers"),
+        ("unknown field", {**good, "colour": "blue"}, 422, "colour"),
+        ("malformed JSON", b'{"receivers": [', 400, "body"),
+    ]
+
+
+def test_bad_inputs_get_4xx_naming_the_field(app_url, sample_requests):
+    good = sample_requests["b64"][2]
+    cases = _bad_inputs(good)
+    assert len(cases) >= 12
+    for name, body, status, field in cases:
+        if isinstance(body, bytes):
+            r = httpx.post(app_url + "/predict", content=body, timeout=60.0)
+        else:
+            r = post(app_url, body)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert field in (err["field"] or ""), (name, err)
+        assert err["message"], name
+    # Oversize body and too many batch items.
+    r = httpx.post(app_url + "/predict", content=b" " * (64 * 1024 * 1024 + 10), timeout=60.0)
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+    r = post(app_url, {"captures": [good] * 65}, "/predict/batch")
+    assert r.status_code in (413, 422) and r.json()["error"]["field"] == "captures"
+    # ...and the service keeps serving.
+    assert post(app_url, {**good, "cache": False}).status_code == 200
+
+
+def test_batch_endpoint_isolates_bad_items(app_url, sample_requests):
+    good = sample_requests["b64"]
+    bad = {**good[0], "receivers": good[0]["receivers"][:2]}
+    r = post(app_url, {"captures": [good[3], bad, good[4]]}, "/predict/batch")
+    assert r.status_code == 200, r.text
+    items = r.json()["results"]
+    assert [it["ok"] for it in items] == [True, False, True]
+    assert items[1]["error"]["field"].startswith("captures[1].receivers")
+    single = post(app_url, {**good[3], "cache": False}).json()
+    assert items[0]["result"]["position"] == pytest.approx(single["position"], abs=1e-9)
+
+
+def test_read_endpoints(app_url):
+    h = httpx.get(app_url + "/health", timeout=30).json()
+    assert h["status"] == "ok" and h["model"]["version"]
+    rx = httpx.get(app_url + "/receivers", timeout=30).json()["receivers"]
+    assert [r["id"] for r in rx][:3] == ["giaveno", "coazze", "torino"]
+    info = httpx.get(app_url + "/model/info", timeout=30).json()
+    assert info["metadata"]["feature_spec_version"] == "rss-v1"
+    spec = httpx.get(app_url + "/openapi.json", timeout=30).json()
+    paths = {"/predict", "/predict/batch", "/health", "/receivers", "/model/info"}
+    assert paths <= set(spec["paths"])
+    assert httpx.get(app_url + "/docs", timeout=30).status_code == 200
+
+
+def test_admin_endpoint_needs_token(app_url, admin_headers):
+    assert httpx.post(app_url + "/model/reload", timeout=30).status_code == 401
+    r = httpx.post(app_url + "/model/reload", headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert r.status_code == 403
+    r = httpx.post(app_url + "/model/reload", headers=admin_headers, timeout=60)
+    assert r.status_code == 200 and r.json()["outcome"] in ("unchanged", "swapped")
+
+
+def _hammer(url: str, bodies: list[dict], n: int, workers: int) -> list[int]:
+    with httpx.Client(timeout=60.0) as c, ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(
+            lambda i: c.post(url + "/predict", json={**bodies[i % len(bodies)], "cache": False})
+            .status_code, range(n)))
+
+
+def test_dynamic_batching_and_reconfigure(app_url, sample_requests):
+    before = httpx.get(app_url + "/model/info", timeout=30).json()
+    codes = _hammer(app_url, sample_requests["b64"], 96, 16)
+    assert codes.count(200) == len(codes)
+    info = httpx.get(app_url + "/model/info", timeout=30).json()
+    sizes = {int(k): v for k, v in info["batch_sizes"].items()}
+    assert max(sizes) > 1, f"model only ever saw batches of {sizes}"
+
+    # A new user_config is applied by reconfigure() in the running replica.
+    port = int(app_url.rsplit(":", 1)[1])
+    cfg = shipped_config(port)
+    model_cfg = next(d for d in cfg["applications"][0]["deployments"]
+                     if d["name"] == "LocalizationModel")
+    model_cfg["user_config"] = {**model_cfg["user_config"], "max_batch_size": 96,
+                                "batch_wait_timeout_s": 0.01}
+    deploy_config(cfg)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        info = httpx.get(app_url + "/model/info", timeout=30).json()
+        if info["user_config"]["max_batch_size"] == 96:
+            break
+        time.sleep(0.5)
+    assert info["user_config"]["max_batch_size"] == 96
+    assert info["user_config"]["batch_wait_timeout_s"] == 0.01
+    assert info["pid"] == before["pid"], "reconfigure must not restart the replica"
+    deploy_config(shipped_config(port))  # back to the shipped config
