@@ -15,6 +15,7 @@ from serve_app.constants import CENTER_FREQ_HZ
 from serve_app.errors import ConfigError
 
 DEFAULT_RECEIVERS_PATH = Path(__file__).resolve().parent.parent / "configs" / "receivers.yaml"
+_GEODETIC_ITERATIONS = 4
 
 
 class Receiver(BaseModel):
@@ -75,7 +76,8 @@ class ReceiverNetwork:
         """Slot of a receiver id; KeyError if unknown."""
         return self._index[receiver_id]
 
-    def to_enu(self, lat: np.ndarray | float, lon: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    def to_enu(self, lat: np.ndarray | float, lon: np.ndarray | float
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Geodetic (degrees, on the ellipsoid) → local east, north in metres."""
         lat_a, lon_a = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
         e, n, _ = self._to_enu.transform(lon_a, lat_a, np.zeros_like(lat_a))
@@ -83,9 +85,17 @@ class ReceiverNetwork:
 
     def to_geodetic(self, east_m: np.ndarray | float, north_m: np.ndarray | float
                     ) -> tuple[np.ndarray, np.ndarray]:
-        """Local east, north in metres (on the tangent plane) → latitude, longitude in degrees."""
+        """Local east, north in metres → latitude, longitude in degrees (inverse of `to_enu`)."""
         e, n = np.asarray(east_m, np.float64), np.asarray(north_m, np.float64)
-        lon, lat, _ = self._to_enu.transform(e, n, np.zeros_like(e), direction="INVERSE")
+        # `to_enu` drops the up component of points on the ellipsoid (about −d²/2R: −0.8 km at
+        # 100 km), so inverting with up = 0 lands ~10 m off at the network's edge. Find the
+        # ellipsoid point with these east/north: iterate on its up component (the error
+        # shrinks by ~d/R per step).
+        up = np.zeros_like(e)
+        for _ in range(_GEODETIC_ITERATIONS):
+            lon, lat, _ = self._to_enu.transform(e, n, up, direction="INVERSE")
+            _, _, up = self._to_enu.transform(lon, lat, np.zeros_like(e))
+        lon, lat, _ = self._to_enu.transform(e, n, up, direction="INVERSE")
         return np.asarray(lat), np.asarray(lon)
 
     @cached_property
@@ -109,7 +119,9 @@ def load_network(path: str | Path | None = None) -> ReceiverNetwork:
         else:
             raise ConfigError(f"receivers file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, unreadable, binary
+        raise ConfigError(f"{p}: cannot read receivers file: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
     try:
