@@ -77,6 +77,12 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
     from serve_app.samples import make_samples
 
+    if a.npz:  # an input file of `rfloc batch` instead of request JSON
+        from serve_app.batch import write_npz
+
+        write_npz(a.npz, a.n, a.seed, max_missing=a.max_missing)
+        print(f"wrote {a.n} capture(s) to {a.npz}")
+        return 0
     s = make_samples(a.n, a.seed, form=a.form, max_missing=a.max_missing)
     body = s.requests[0] if a.n == 1 else {"captures": s.requests}
     Path(a.out).write_bytes(orjson.dumps(body))
@@ -84,6 +90,23 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     if a.truth:
         Path(a.truth).write_text(json.dumps(truth, indent=1))
     print(f"wrote {a.n} capture(s) to {a.out}" + (f", truth to {a.truth}" if a.truth else ""))
+    return 0
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    """Localize every capture of an NPZ file on Ray Data; write predictions with GeoJSON."""
+    for key, value in LOOPBACK_ENV.items():  # before Ray is imported, which reads them
+        os.environ.setdefault(key, value)
+    from serve_app.batch import run_batch
+
+    summary = run_batch(a.input, a.output, batch_size=a.batch_size, max_actors=a.max_actors,
+                        num_cpus=a.num_cpus, model_path=a.model,
+                        confidence_level=a.confidence_level, progress=not a.no_progress)
+    if a.json_summary:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {summary['captures']} predictions ({summary['failed']} failed) to "
+              f"{summary['output']}: {summary['captures_s']:.0f} captures/s")
     return 0
 
 
@@ -164,7 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--form", choices=["b64", "pairs", "int16"], default="b64")
     s.add_argument("--max-missing", type=int, default=0)
     s.add_argument("--truth", default=None, help="also write the true positions here")
+    s.add_argument("--npz", default=None, help="write an `rfloc batch` input NPZ here instead")
     s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("batch", help="localize a file of captures offline on Ray Data")
+    s.add_argument("input", help="NPZ with iq [n, R, S] complex64 and present [n, R] bool")
+    s.add_argument("output", help="predictions: .parquet, or JSON lines for any other suffix")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--max-actors", type=int, default=None,
+                   help="upper bound of the autoscaling actor pool (default: CPUs / num-cpus)")
+    s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
+    s.add_argument("--model", default=None, help="ONNX file (default: the shipped model)")
+    s.add_argument("--confidence-level", type=float, default=0.95)
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json-summary", action="store_true", help="print the summary as JSON")
+    s.set_defaults(func=cmd_batch)
 
     s = sub.add_parser("predict", help="POST a request file to a running service")
     s.add_argument("file")
