@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from serve_app.settings import REPO_ROOT
@@ -51,6 +52,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if serve_bin is None:
         print("rfloc serve: the `serve` command (ray[serve]) is not installed", file=sys.stderr)
         return 2
+    config_path = Path(a.config)
+    if env.http_host:  # `serve run` reads a file: run a copy with the host replaced
+        cfg.setdefault("http_options", {})["host"] = env.http_host
+        with tempfile.NamedTemporaryFile("w", prefix="rfloc-serve-", suffix=".yaml",
+                                         delete=False) as tmp:
+            yaml.safe_dump(cfg, tmp, sort_keys=False)
+        config_path = Path(tmp.name)
     env_vars = {**LOOPBACK_ENV, **os.environ}
     port = cfg.get("http_options", {}).get("port", 8000)
     print(f"starting Ray Serve: http://127.0.0.1:{port}/docs  (Ctrl-C stops)", flush=True)
@@ -58,7 +66,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     # SIGTERM into SIGINT so that `kill` and container stops are just as clean.
     # A shell may start us with SIGINT ignored (background jobs); the child must not inherit it.
     child = subprocess.Popen(
-        [serve_bin, "run", str(a.config)], env=env_vars,
+        [serve_bin, "run", str(config_path)], env=env_vars,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
@@ -68,7 +76,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    return child.wait()
+    try:
+        return child.wait()
+    finally:
+        if config_path != Path(a.config):
+            config_path.unlink(missing_ok=True)
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:

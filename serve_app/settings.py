@@ -36,6 +36,11 @@ class EnvSettings(BaseSettings):
         default=None,
         description="Bearer token of the admin endpoints; unset = admin endpoints disabled.",
     )
+    http_host: str | None = Field(
+        default=None,
+        description="`rfloc serve` only: replaces the config's http_options.host (a container "
+                    "sets 0.0.0.0); unset = the config's host (127.0.0.1 when shipped).",
+    )
 
 
 class AppArgs(BaseModel):
@@ -53,7 +58,8 @@ class AppArgs(BaseModel):
     )
     bootstrap: bool = Field(default=True, description="Register the shipped model if needed.")
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Request body cap.")
-    max_batch_captures: int = Field(default=MAX_BATCH_CAPTURES, ge=1, le=MAX_BATCH_CAPTURES)
+    max_batch_captures: int = Field(default=MAX_BATCH_CAPTURES, ge=1, le=MAX_BATCH_CAPTURES,
+                                    description="Most captures in one /predict/batch request.")
     cache_ttl_s: float = Field(default=3600.0, gt=0, description="Prediction cache TTL.")
     cache_timeout_ms: float = Field(default=50.0, gt=0, description="Per-call Redis timeout.")
     local_cache_items: int = Field(
@@ -77,7 +83,8 @@ class BatchConfig(BaseModel):
 
     max_batch_size: int = Field(default=64, ge=MAX_BATCH_CAPTURES, le=1024,
                                 description="Captures per batch (>= the batch endpoint's cap).")
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0.0, le=1.0)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0.0, le=1.0,
+                                        description="Longest wait for a batch to fill.")
 
 
 class ModelConfig(BatchConfig):
