@@ -19,6 +19,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.map_page import router as map_router
 from serve_app.cache import cache_key, make_cache
 from serve_app.decode import decode_capture, decode_raw_batch, decode_raw_body
 from serve_app.errors import InvalidInput, ModelError, RegistryUnavailable
@@ -67,6 +68,9 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 class Unavailable(Exception):
     """The service cannot answer now (overload, no replica, registry); maps to 503."""
+
+
+app.include_router(map_router)  # GET /map, its assets and /map/sample
 
 
 @serve.deployment
