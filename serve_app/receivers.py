@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pyproj import Transformer
 
 from serve_app.constants import CENTER_FREQ_HZ
@@ -21,6 +21,8 @@ _GEODETIC_ITERATIONS = 4
 class Receiver(BaseModel):
     """One receiver site."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt calibration_db must not pass
+
     id: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_\-]+$")
     name: str
     latitude: float = Field(ge=-90.0, le=90.0)
@@ -31,6 +33,8 @@ class Receiver(BaseModel):
 
 class NetworkSpec(BaseModel):
     """The contents of `receivers.yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
 
     center_freq_hz: float = CENTER_FREQ_HZ
     receivers: list[Receiver] = Field(min_length=3)

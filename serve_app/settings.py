@@ -50,7 +50,7 @@ class AppArgs(BaseModel):
 
     model_name: str = Field(default="localization_model", description="Registered model name.")
     model_alias: str = Field(default="production", description="Alias the service follows.")
-    receivers_path: Path | None = Field(default=None, 
+    receivers_path: Path | None = Field(default=None,
                                          description="receivers.yaml (default: shipped).")
     default_model_dir: Path = Field(
         default=DEFAULT_MODEL_DIR,
@@ -96,8 +96,8 @@ class ModelConfig(BatchConfig):
                                      description="Pinned versions kept loaded per replica.")
 
 
-class IngressConfig(BaseModel):
-    """`user_config` of the Ingress: which alias the service follows and how often it looks."""
+class IngressConfig(BatchConfig):
+    """`user_config` of the Ingress: the alias it follows, how often it looks, chain batching."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 

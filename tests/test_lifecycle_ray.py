@@ -1,0 +1,224 @@
+"""Model lifecycle on the running service: promote, rollback, refusal, pinning, registry loss."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from serve_app.registry import ModelRegistry, embedded_uris
+from tests.conftest import REPO, free_port, wait_http
+
+pytestmark = pytest.mark.ray
+SHIPPED_ONNX = REPO / "models" / "localization_model.onnx"
+
+
+def variant(tmp: Path, name: str, *, nan: bool = False, spec: str | None = None) -> Path:
+    """A copy of the shipped model: a new sha, NaN positions, or another feature spec."""
+    m = onnx.load(str(SHIPPED_ONNX))
+    meta = {p.key: p.value for p in m.metadata_props}
+    meta["variant"] = name
+    if spec is not None:
+        meta["feature_spec_version"] = spec
+    del m.metadata_props[:]
+    for k, v in sorted(meta.items()):
+        m.metadata_props.add(key=k, value=v)
+    if nan:
+        for node in m.graph.node:
+            node.output[:] = ["mean_raw" if o == "mean_enu_m" else o for o in node.output]
+        m.graph.initializer.append(numpy_helper.from_array(np.array([np.nan], np.float32), "nan_c"))
+        m.graph.node.append(helper.make_node("Mul", ["mean_raw", "nan_c"], ["mean_enu_m"]))
+    path = tmp / f"{name}.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def registry(ray_cluster) -> ModelRegistry:
+    uri, _ = embedded_uris(ray_cluster["state_dir"])
+    return ModelRegistry(uri, cache_dir=ray_cluster["state_dir"] / "test-cache")
+
+
+class Load:
+    """Steady concurrent load in the background; records (status, version) per response."""
+
+    def __init__(self, url: str, body: dict, workers: int = 4) -> None:
+        self.url, self.body = url + "/predict", {**body, "cache": False}
+        self.results: list[tuple[float, int, str | None]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(workers)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60.0) as c:
+            while not self._stop.is_set():
+                try:
+                    r = c.post(self.url, json=self.body)
+                    v = r.json()["model"]["version"] if r.status_code == 200 else None
+                    if r.status_code != 200 and len(self.errors) < 5:
+                        self.errors.append(r.text[:500])
+                    self.results.append((time.monotonic(), r.status_code, v))
+                except httpx.HTTPError:
+                    self.results.append((time.monotonic(), -1, None))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=90)
+
+    def failures(self) -> list:
+        return [r for r in self.results if r[1] != 200]
+
+    def wait_version(self, version: str, timeout_s: float) -> float:
+        """Seconds until every response after some instant carries `version`."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            recent = [v for t, s, v in self.results[-8:] if s == 200]
+            if len(recent) >= 4 and all(v == version for v in recent):
+                return time.monotonic() - t0
+            time.sleep(0.1)
+        raise AssertionError(f"responses did not switch to version {version}: "
+                             f"{Counter(v for _, _, v in self.results[-20:])} {self.errors}")
+
+
+def served_version(url: str) -> str:
+    return httpx.get(url + "/model/info", timeout=30).json()["model"]["version"]
+
+
+def test_promote_then_rollback_under_load(app_url, registry, admin_headers, sample_requests,
+                                          tmp_path):
+    v_old = served_version(app_url)
+    v_new = registry.register(variant(tmp_path, "candidate"), description="test candidate")
+    with Load(app_url, sample_requests["b64"][0]) as load:
+        time.sleep(1.0)
+        registry.set_alias("production", v_new)
+        r = httpx.post(app_url + "/model/reload", headers=admin_headers, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["alias_version"] == v_new
+        switch_s = load.wait_version(v_new, timeout_s=15)
+        # Rollback through the poll alone (shipped poll interval: 10 s).
+        assert registry.rollback("production") == v_old
+        poll_s = load.wait_version(v_old, timeout_s=10 + 15)
+        time.sleep(0.5)
+    assert not load.failures(), f"failed requests: {load.failures()[:5]} {load.errors}"
+    versions = {v for _, _, v in load.results}
+    assert versions == {v_old, v_new}
+    print(f"requests {len(load.results)}, switch after reload {switch_s:.1f} s, "
+          f"rollback by poll {poll_s:.1f} s")
+
+
+@pytest.mark.parametrize("kind", ["nan_outputs", "wrong_signature"])
+def test_broken_candidate_is_refused(app_url, registry, admin_headers, sample_requests,
+                                     tmp_path, kind):
+    v_old = served_version(app_url)
+    path = variant(tmp_path, kind, nan=kind == "nan_outputs",
+                   spec="rss-v0" if kind == "wrong_signature" else None)
+    v_bad = registry.register(path, description=f"broken: {kind}")
+    try:
+        with Load(app_url, sample_requests["b64"][1], workers=2) as load:
+            registry.set_alias("production", v_bad)
+            r = httpx.post(app_url + "/model/reload", headers=admin_headers, timeout=60)
+            assert r.status_code == 200
+            assert r.json()["outcome"] == "refused"
+            time.sleep(2.0)
+        assert not load.failures()
+        assert {v for _, _, v in load.results} == {v_old}
+        info = httpx.get(app_url + "/model/info", timeout=30).json()
+        assert info["model"]["version"] == v_old
+        assert info["last_refusal"]["version"] == v_bad
+        expected = "non-finite" if kind == "nan_outputs" else "feature_spec_version"
+        assert expected in info["last_refusal"]["reason"]
+        assert info["reloads"]["refused"] >= 1
+    finally:
+        registry.set_alias("production", v_old)
+        httpx.post(app_url + "/model/reload", headers=admin_headers, timeout=60)
+
+
+def test_pinned_versions(app_url, registry, sample_requests, tmp_path):
+    v_alias = served_version(app_url)
+    v_pin = registry.register(variant(tmp_path, "pinned"), description="pinned")
+    body = {**sample_requests["b64"][2], "cache": False}
+    r = httpx.post(app_url + "/predict", json={**body, "model_version": v_pin}, timeout=60)
+    assert r.status_code == 200 and r.json()["model"]["version"] == v_pin
+    r = httpx.post(app_url + "/predict", json=body, timeout=60,
+                   headers={"serve_multiplexed_model_id": v_pin})
+    assert r.status_code == 200 and r.json()["model"]["version"] == v_pin
+    r = httpx.post(app_url + "/predict", json=body, timeout=60)
+    assert r.json()["model"]["version"] == v_alias
+    r = httpx.post(app_url + "/predict", json={**body, "model_version": "999"}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["field"] == "model_version"
+
+
+def test_cold_start_without_registry_fails_fast(tmp_path):
+    port = free_port()  # nothing listens there
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+           "RFLOC_STATE_DIR": str(tmp_path)}
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "serve_app.cli", "serve"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "cannot start" in p.stderr and f"127.0.0.1:{port}" in p.stderr
+    assert time.monotonic() - t0 < 60
+
+
+def test_registry_unreachable_during_reload(app_url, admin_headers, sample_requests, tmp_path):
+    """A second app on an MLflow server we stop: it keeps serving and reports degraded."""
+    from tests.conftest import deploy_config, shipped_config
+
+    mlflow_port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+         str(mlflow_port), "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+         "--artifacts-destination", str(tmp_path / "art"), "--workers", "1"],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", timeout_s=120)
+        cfg = shipped_config(int(app_url.rsplit(":", 1)[1]))
+        app = cfg["applications"][0]
+        env_vars = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+                    "RFLOC_STATE_DIR": str(tmp_path / "state")}
+        app.update(name="remote", route_prefix="/remote",
+                   runtime_env={"env_vars": env_vars})
+        for d in app["deployments"]:
+            d["ray_actor_options"] = {"num_cpus": 0.01}
+            d.pop("autoscaling_config", None)
+            d["num_replicas"] = 1
+        # Keep the session's app: deploy both applications together.
+        base = shipped_config(int(app_url.rsplit(":", 1)[1]))
+        cfg["applications"] = [base["applications"][0], app]
+        deploy_config(cfg)  # the app's runtime_env reaches its build task and replicas
+        url = app_url + "/remote"
+        wait_http(url + "/health", timeout_s=240)
+        body = {**sample_requests["b64"][3], "cache": False}
+        assert httpx.post(url + "/predict", json=body, timeout=60).status_code == 200
+
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        r = httpx.post(url + "/model/reload", headers=admin_headers, timeout=60)
+        assert r.status_code == 503 and "registry unreachable" in r.json()["error"]["message"]
+        for _ in range(5):
+            assert httpx.post(url + "/predict", json=body, timeout=60).status_code == 200
+        health = httpx.get(url + "/health", timeout=30).json()
+        assert health["status"] == "degraded" and health["registry"] == "degraded"
+        assert health["model"]["version"]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+        deploy_config(shipped_config(int(app_url.rsplit(":", 1)[1])))
