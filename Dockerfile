@@ -20,7 +20,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wget \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 1000 --user-group --shell /bin/bash rfloc
+    && useradd --create-home --uid 1000 --user-group --shell /bin/bash rfloc \
+    && install -d -o rfloc -g rfloc /home/rfloc/.rfloc
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
