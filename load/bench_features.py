@@ -35,8 +35,9 @@ def main() -> None:
         extract_features(iq, net.calibration_db)
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.processor())
+    with open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                   platform.processor())
     print(f"machine: {os.cpu_count()} cores, {cpu}, load {os.getloadavg()[0]:.2f}")
     print(f"batch {a.batch} x {iq.shape[1]} x {iq.shape[2]}: median {med * 1e3:.2f} ms, "
           f"p90 {np.percentile(times, 90) * 1e3:.2f} ms -> {a.batch / med:,.0f} captures/s "
