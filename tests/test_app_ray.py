@@ -168,3 +168,47 @@ def test_dynamic_batching_and_reconfigure(app_url, sample_requests):
     assert info["user_config"]["batch_wait_timeout_s"] == 0.01
     assert info["pid"] == before["pid"], "reconfigure must not restart the replica"
     deploy_config(shipped_config(port))  # back to the shipped config
+
+
+def _model_replicas() -> int:
+    from ray import serve
+
+    status = serve.status().applications["rfloc"].deployments["LocalizationModel"]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+@pytest.mark.slow
+def test_autoscaling_up_and_down(app_url, network):
+    """Drive the model deployment through its handle; it scales within the config's limits."""
+    import asyncio
+
+    from ray import serve
+
+    from serve_app.pipeline import preprocess, stack_captures
+    from serve_app.samples import make_samples
+
+    cfg = shipped_config(0)["applications"][0]["deployments"]
+    limits = next(d for d in cfg if d["name"] == "LocalizationModel")["autoscaling_config"]
+    s = make_samples(16, seed=5)
+    group = preprocess([stack_captures(
+        [(s.iq[i], np.arange(len(network))) for i in range(16)], len(network), [0.95] * 16)],
+        network)[0]
+    handle = serve.get_deployment_handle("LocalizationModel", "rfloc")
+    assert _model_replicas() == limits["min_replicas"]
+
+    async def drive(seconds: float) -> int:
+        peak, t_end = 1, time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            # Far more in flight than target_ongoing_requests per replica.
+            await asyncio.gather(*[handle.remote(group, "production", None) for _ in range(96)])
+            peak = max(peak, _model_replicas())
+            if peak >= 2:
+                break
+        return peak
+
+    peak = asyncio.run(drive(90.0))
+    assert 2 <= peak <= limits["max_replicas"]
+    deadline = time.monotonic() + limits["downscale_delay_s"] + 120
+    while time.monotonic() < deadline and _model_replicas() > limits["min_replicas"]:
+        time.sleep(2)
+    assert _model_replicas() == limits["min_replicas"]
