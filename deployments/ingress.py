@@ -20,6 +20,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.map_page import router as map_router
+from deployments.metrics import IngressMetrics, RequestMetricsMiddleware
 from serve_app.cache import cache_key, make_cache
 from serve_app.decode import decode_capture, decode_raw_batch, decode_raw_body
 from serve_app.errors import InvalidInput, ModelError, RegistryUnavailable
@@ -47,6 +48,7 @@ app = FastAPI(
     description="Localize a radio transmitter from the IQ captures of a receiver network.",
     version="0.1.0",
 )
+app.add_middleware(RequestMetricsMiddleware)  # reads the replica's self._metrics
 
 
 def _error(status: int, field: str | None, message: str, headers: dict | None = None) -> Response:
@@ -87,6 +89,7 @@ class Ingress:
         self._cache = make_cache(self._env.redis_url, self._args.cache_ttl_s,
                                  self._args.cache_timeout_ms, self._args.local_cache_items)
         self._registry = make_registry(self._env, self._args.model_name)
+        self._metrics = IngressMetrics()
         self._alias = self._args.model_alias
         self._alias_version: str | None = None
         self._registry_ok = True
@@ -198,6 +201,7 @@ class Ingress:
                     result, group.model, group.timing_ms, False, t0)}
                 if key is not None and group.model["version"] == (version or self._alias_version):
                     await self._cache.set(key, {"result": result, "model": group.model})
+        self._metrics.sync_cache(self._cache)
         return out  # type: ignore[return-value]
 
     # -- endpoints ---------------------------------------------------------------------------

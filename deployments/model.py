@@ -9,6 +9,7 @@ import os
 
 from ray import serve
 
+from deployments.metrics import ModelMetrics
 from serve_app.lifecycle import ModelManager, load_golden, make_registry
 from serve_app.pipeline import Group, infer
 from serve_app.receivers import load_network
@@ -35,6 +36,8 @@ class LocalizationModel:
         self._refresh_lock = asyncio.Lock()
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._config = ModelConfig()
+        self._metrics = ModelMetrics()
+        self._metrics.sync_model(self._manager)
 
     def reconfigure(self, config: dict) -> None:
         cfg = ModelConfig.model_validate(config or {})
@@ -61,7 +64,11 @@ class LocalizationModel:
     async def infer_batch(self, groups: list[Group]) -> list[Group]:
         loaded = self._manager.current  # one snapshot: a batch never mixes versions
         self._batch_sizes[_n_items(groups)] += 1
-        return await asyncio.to_thread(infer, groups, loaded.localizer, loaded.ref)
+        self._metrics.batch_started(groups)
+        self._metrics.sync_model(self._manager)
+        out = await asyncio.to_thread(infer, groups, loaded.localizer, loaded.ref)
+        self._metrics.inferred(out)
+        return out
 
     @serve.multiplexed(max_num_models_per_replica=3)
     async def get_pinned(self, version: str):
@@ -73,7 +80,8 @@ class LocalizationModel:
             loaded = await self.get_pinned(pinned)
             return await asyncio.to_thread(infer, [group], loaded.localizer, loaded.ref)
         await self._follow(alias, expected_version)
-        return await self.infer_batch(group)
+        with self._metrics.queued(group):
+            return await self.infer_batch(group)
 
     async def info(self) -> dict:
         return {**self._manager.info(), "batch_sizes": dict(self._batch_sizes),
@@ -82,4 +90,5 @@ class LocalizationModel:
     async def reload(self, alias: str) -> dict:
         async with self._refresh_lock:
             outcome = await asyncio.to_thread(self._manager.refresh, alias)
+        self._metrics.sync_model(self._manager)
         return {"outcome": outcome, **self._manager.info()}

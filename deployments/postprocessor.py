@@ -6,6 +6,7 @@ import asyncio
 
 from ray import serve
 
+from deployments.metrics import PostprocessorMetrics
 from serve_app.pipeline import Group, postprocess
 from serve_app.receivers import load_network
 
@@ -16,6 +17,9 @@ class Postprocessor:
 
     def __init__(self, receivers_path: str | None = None) -> None:
         self._network = load_network(receivers_path)
+        self._metrics = PostprocessorMetrics()
 
     async def __call__(self, group: Group) -> Group:
-        return await asyncio.to_thread(postprocess, group, self._network)
+        out = await asyncio.to_thread(postprocess, group, self._network)
+        self._metrics.postprocessed(out)
+        return out

@@ -6,6 +6,7 @@ import asyncio
 
 from ray import serve
 
+from deployments.metrics import PreprocessorMetrics
 from serve_app.pipeline import CaptureGroup, Group, preprocess
 from serve_app.receivers import load_network
 from serve_app.settings import BatchConfig
@@ -21,6 +22,7 @@ class Preprocessor:
 
     def __init__(self, receivers_path: str | None = None) -> None:
         self._network = load_network(receivers_path)
+        self._metrics = PreprocessorMetrics()
 
     def reconfigure(self, config: dict) -> None:
         cfg = BatchConfig.model_validate(config or {})
@@ -29,7 +31,11 @@ class Preprocessor:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_n_captures)
     async def featurize(self, groups: list[CaptureGroup]) -> list[Group]:
-        return await asyncio.to_thread(preprocess, groups, self._network)
+        self._metrics.batch_started(groups)
+        out = await asyncio.to_thread(preprocess, groups, self._network)
+        self._metrics.preprocessed(out)
+        return out
 
     async def __call__(self, group: CaptureGroup) -> Group:
-        return await self.featurize(group)
+        with self._metrics.queued(group):
+            return await self.featurize(group)

@@ -76,10 +76,12 @@ def ray_cluster(tmp_path_factory):
            "REDIS_URL": REDIS_TEST_URL}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # inherited by the raylet and so by every replica
+    metrics_export_port = free_port()  # Prometheus scrapes the node's metrics here
     ray.init(num_cpus=2, include_dashboard=False, namespace="serve",
-             logging_level="warning", log_to_driver=False)
+             logging_level="warning", log_to_driver=False,
+             _metrics_export_port=metrics_export_port)
     try:
-        yield {"state_dir": state}
+        yield {"state_dir": state, "metrics_export_port": metrics_export_port}
     finally:
         from ray import serve
 
