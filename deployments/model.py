@@ -78,7 +78,8 @@ class LocalizationModel:
         pinned = serve.get_multiplexed_model_id()
         if pinned:
             loaded = await self.get_pinned(pinned)
-            return await asyncio.to_thread(infer, [group], loaded.localizer, loaded.ref)
+            [out] = await asyncio.to_thread(infer, [group], loaded.localizer, loaded.ref)
+            return out
         await self._follow(alias, expected_version)
         with self._metrics.queued(group):
             return await self.infer_batch(group)
