@@ -52,7 +52,7 @@ class LoadedModel:
     """A validated model and where it came from."""
 
     localizer: OnnxLocalizer
-    ref: dict  # {"name", "version", "alias"}
+    ref: dict  # {"name", "version", "alias", "sha256"}
 
 
 class ModelManager:
@@ -84,7 +84,7 @@ class ModelManager:
         localizer = OnnxLocalizer(resolved.onnx_path, self._receiver_ids, resolved.sha256)
         localizer.validate(self._golden)
         return LoadedModel(localizer, {"name": resolved.name, "version": resolved.version,
-                                       "alias": alias})
+                                       "alias": alias, "sha256": resolved.sha256})
 
     def refresh(self, alias: str | None = None) -> str:
         """Load the alias's version if it changed: 'unchanged', 'swapped', 'refused' or 'degraded'.

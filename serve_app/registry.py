@@ -278,6 +278,17 @@ class ModelRegistry:
             aliases = self._aliases()
         return None if aliases is None else aliases.get(alias)
 
+    def version_sha256(self, version: str) -> str | None:
+        """The onnx_sha256 tag of a version (None if the version or tag is absent)."""
+        with self._guard(f"reading version {version} of {self.model_name!r}"):
+            try:
+                mv = self._client.get_model_version(self.model_name, str(version))
+            except MlflowException as exc:
+                if exc.error_code in _CLIENT_ERRORS:
+                    return None
+                raise
+        return (mv.tags or {}).get(SHA_TAG)
+
     def rollback(self, alias: str = "production") -> str:
         """Move alias back to the version it pointed to before; returns that version."""
         with self._guard(f"rolling back alias {alias!r} of {self.model_name!r}"):

@@ -153,6 +153,7 @@ class ModelRef(BaseModel):
     name: str
     version: str
     alias: str | None = None
+    sha256: str | None = Field(default=None, description="sha256 of the ONNX file served.")
 
 
 class ErrorBody(BaseModel):

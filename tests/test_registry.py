@@ -334,3 +334,11 @@ def test_mlflow_server_roundtrip(mlflow_server: str, tmp_path: Path, onnx_files)
     assert registry.resolve("production").sha256 == file_sha256(a)
     with pytest.raises(ModelError, match="no version 9"):
         registry.resolve("9")
+
+
+def test_version_sha256(registry: ModelRegistry, onnx_files: tuple[Path, Path]) -> None:
+    a, b = onnx_files
+    va, vb = registry.register(a), registry.register(b)
+    assert registry.version_sha256(va) == file_sha256(a)
+    assert registry.version_sha256(vb) == file_sha256(b) != file_sha256(a)
+    assert registry.version_sha256("999") is None
