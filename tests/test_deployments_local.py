@@ -1,0 +1,90 @@
+"""Deployment logic in Serve's local testing mode: no cluster, real core, real registry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from ray import serve
+
+from serve_app.lifecycle import bootstrap
+from serve_app.pipeline import postprocess, preprocess, stack_captures
+from serve_app.samples import make_samples
+from serve_app.settings import AppArgs, EnvSettings
+
+
+@pytest.fixture(scope="module")
+def captures(network):
+    s = make_samples(6, seed=21)
+    slots = np.arange(len(network))
+    return [stack_captures([(s.iq[i], slots)], len(network), [0.95]) for i in range(6)]
+
+
+@pytest.fixture
+def app_args(tmp_path, monkeypatch) -> dict:
+    monkeypatch.setenv("RFLOC_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = AppArgs()
+    bootstrap(args, EnvSettings())
+    return args.model_dump(mode="json")
+
+
+@pytest.fixture(autouse=True)
+def replica_context():
+    """Ray 2.60's local testing mode sets no replica context, yet @serve.batch reads
+    `max_ongoing_requests` from it when its queue starts; give it one (test-only shim)."""
+    from ray.serve import context
+    from ray.serve._private.common import DeploymentID, ReplicaID
+    from ray.serve._private.config import DeploymentConfig
+
+    context._set_internal_replica_context(
+        replica_id=ReplicaID("local", DeploymentID("local", "local")), servable_object=None,
+        rank=None, world_size=1, _deployment_config=DeploymentConfig(max_ongoing_requests=128))
+    yield
+    context._INTERNAL_REPLICA_CONTEXT = None
+
+
+def _run(app):
+    return serve.run(app, name="local", route_prefix=None, _local_testing_mode=True)
+
+
+def test_preprocessor_batches_groups_like_the_core(network, captures):
+    from deployments.preprocessor import Preprocessor
+
+    handle = _run(Preprocessor.options(user_config={"max_batch_size": 64,
+                                                    "batch_wait_timeout_s": 0.05}).bind())
+
+    async def many():
+        return await asyncio.gather(*[handle.remote(g) for g in captures])
+
+    got = asyncio.run(many())
+    want = preprocess(captures, network)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.features, w.features)
+        assert g.errors == w.errors
+
+
+def test_model_and_postprocessor_chain(network, captures, app_args):
+    from deployments.model import LocalizationModel
+    from deployments.postprocessor import Postprocessor
+
+    model = _run(LocalizationModel.options(user_config={"max_batch_size": 64,
+                                                        "batch_wait_timeout_s": 0.05})
+                 .bind(app_args))
+    post = _run(Postprocessor.bind())
+    groups = preprocess(captures, network)
+
+    async def chain():
+        outs = await asyncio.gather(*[model.remote(g, "production", "1") for g in groups])
+        return await asyncio.gather(*[post.remote(o) for o in outs]), await model.info.remote()
+
+    results, info = asyncio.run(chain())
+    assert info["model"]["version"] == "1" and info["reloads"]["success"] == 1
+    assert max(int(k) for k in info["batch_sizes"]) > 1, info["batch_sizes"]
+    for g in results:
+        assert g.model["version"] == "1" and g.model["alias"] == "production"
+        [res] = g.results
+        direct = postprocess(g, network).results[0]
+        assert res["position"] == direct["position"]
+        assert res["geojson"]["features"][1]["geometry"]["type"] == "Polygon"
