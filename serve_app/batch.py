@@ -207,7 +207,7 @@ def run_batch(
     n = len(iq)
     started = False
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         started = True
     try:
         if max_actors is None:

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def evaluate(model_path: Path, n: int, seed: int, workers: int) -> dict:
         ok = np.isfinite(ds.power_dbm).sum(1) >= 3  # the service needs three detections
         mean, cov = model.predict(ds.features[ok])
         target = ds.target_enu_m[ok]
-        row = {"missing_receivers": missing, "scenes": int(ok.sum()),
+        row: dict[str, Any] = {"missing_receivers": missing, "scenes": int(ok.sum()),
                "model": {**error_stats(mean, target), **coverage(mean, cov, target)}}
         row["weighted_centroid"] = error_stats(
             weighted_centroid(ds.power_dbm[ok], network.enu_m), ds.target_enu_m[ok])

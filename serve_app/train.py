@@ -65,7 +65,7 @@ class LocalizationNet(nn.Module):
         cov = torch.stack(
             [torch.stack([s_e * s_e, c_en], -1), torch.stack([c_en, s_n * s_n], -1)], -2
         )
-        scale = self.cov_scale[det.sum(-1).long()]
+        scale = self.get_buffer("cov_scale")[det.sum(-1).long()]
         return mean, cov * scale[:, None, None]
 
 
@@ -160,7 +160,7 @@ def train(args: argparse.Namespace) -> dict:
         sel = n_det == k
         if sel.sum() >= 200:
             scales[k] = calibrate_scale(m2[sel], levels)
-    model.cov_scale.copy_(torch.from_numpy(scales.astype(np.float32)))
+    model.get_buffer("cov_scale").copy_(torch.from_numpy(scales.astype(np.float32)))
     print("covariance calibration scales by detecting receivers: "
           + ", ".join(f"{k}: {v:.3f}" for k, v in enumerate(scales)), flush=True)
 
