@@ -19,6 +19,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.challenger import Challenger
 from deployments.map_page import router as map_router
 from deployments.metrics import IngressMetrics, RequestMetricsMiddleware
 from serve_app.cache import cache_key, make_cache
@@ -90,8 +91,10 @@ class Ingress:
                                  self._args.cache_timeout_ms, self._args.local_cache_items)
         self._registry = make_registry(self._env, self._args.model_name)
         self._metrics = IngressMetrics()
+        self._challenger = Challenger(self._metrics)
         self._alias = self._args.model_alias
         self._alias_version: str | None = None
+        self._alias_sha: str | None = None  # with the version, the cache's model identity
         self._registry_ok = True
         self._poll_interval_s = 10.0
         self._stop = threading.Event()
@@ -101,14 +104,23 @@ class Ingress:
     def reconfigure(self, config: dict) -> None:
         cfg = IngressConfig.model_validate(config or {})
         self._poll_interval_s = cfg.poll_interval_s
+        challenger = self._challenger.alias
+        self._challenger.configure(cfg.challenger_alias, cfg.challenger_fraction,
+                                   cfg.challenger_max_inflight)
         alias = cfg.model_alias or self._args.model_alias
-        if alias != self._alias:
+        if alias != self._alias or cfg.challenger_alias != challenger:
             self._alias = alias
             self._check_alias()
 
     def _check_alias(self) -> None:
         try:
-            self._alias_version = self._registry.get_alias(self._alias)
+            version = self._registry.get_alias(self._alias)
+            if version != self._alias_version or self._alias_sha is None:
+                # A registry recreated from scratch reuses version numbers: the file's hash
+                # keeps an old model's cached answers from passing for the new one's.
+                self._alias_sha = self._registry.version_sha256(version) if version else None
+            self._alias_version = version
+            self._challenger.resolve(self._registry)
             self._registry_ok = True
         except RegistryUnavailable as exc:
             if self._registry_ok:
@@ -151,15 +163,18 @@ class Ingress:
                 "request_id": uuid.uuid4().hex,
                 "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
 
-    def _key(self, decoded, req: CaptureRequest, version: str | None) -> str | None:
-        if self._cache is None or not req.cache or version is None:
+    def _key(self, decoded, req: CaptureRequest, identity: tuple) -> str | None:
+        """Cache key of an alias-served request; pinned versions bypass the cache."""
+        version, sha = identity
+        if self._cache is None or not req.cache or version is None or sha is None:
             return None
-        return cache_key(version, decoded.canonical, req.confidence_level)
+        return cache_key(f"{version}:{sha}", decoded.canonical, req.confidence_level)
 
     async def _predict_many(self, reqs: list[CaptureRequest | InvalidInput], pinned: str | None,
                             prefix: bool) -> list[dict]:
         """Per-item outcomes {"ok", "result" | "error"} for validated requests, in order."""
         t0 = time.perf_counter()
+        identity = (self._alias_version, self._alias_sha)  # what the cache keys are made of
         out: list[dict | None] = [None] * len(reqs)
         todo: list[tuple[int, Any, CaptureRequest, str | None]] = []
         for i, req in enumerate(reqs):
@@ -173,8 +188,7 @@ class Ingress:
                     exc = InvalidInput(f"captures[{i}].{exc.field}", exc.message, exc.status_code)
                 out[i] = {"ok": False, "error": _err_dict(exc)}
                 continue
-            version = pinned or req.model_version or self._alias_version
-            key = self._key(decoded, req, version)
+            key = None if pinned or req.model_version else self._key(decoded, req, identity)
             cached = await self._cache.get(key) if key else None
             if cached is not None:
                 out[i] = {"ok": True, "result": self._response(
@@ -199,8 +213,15 @@ class Ingress:
                 result = group.results[j]
                 out[i] = {"ok": True, "result": self._response(
                     result, group.model, group.timing_ms, False, t0)}
-                if key is not None and group.model["version"] == (version or self._alias_version):
+                if key is not None and (group.model["version"], group.model.get("sha256")) \
+                        == identity:
                     await self._cache.set(key, {"result": result, "model": group.model})
+            if version is None:
+                captures = [(d.iq, d.slots) for _, d, _, _ in items]
+                confidence = [r.confidence_level for _, _, r, _ in items]
+                self._challenger.maybe_shadow(
+                    lambda v, c=captures, p=confidence: self._run_chain(c, p, v),
+                    list(group.results or []))
         self._metrics.sync_cache(self._cache)
         return out  # type: ignore[return-value]
 
@@ -277,6 +298,7 @@ class Ingress:
         """What a model replica serves, the alias the service follows, and reload history."""
         info = await self._model.info.remote()
         return {**info, "alias": self._alias, "alias_version": self._alias_version,
+                "challenger": self._challenger.info(),
                 "registry_ok": self._registry_ok and info.get("registry_ok", True)}
 
     @app.get("/health")

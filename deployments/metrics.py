@@ -33,6 +33,7 @@ RECEIVER_BUCKETS = [n + 0.5 for n in range(17)]
 # (metrics_report_interval_ms, 10 s by default): a set-once gauge vanishes, so refresh it.
 GAUGE_REFRESH_S = 5.0
 AREA_BUCKETS_KM2 = [10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000, 300000, 1000000]
+DISTANCE_BUCKETS_KM = [0.01, 0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500]
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,24 @@ METRICS: dict[str, MetricSpec] = {
         "requested confidence level).",
         AREA_BUCKETS_KM2,
     ),
+    "rfloc_challenger_requests": MetricSpec(
+        "counter",
+        ("outcome",),
+        "Shadow runs on the challenger model: ok, error, skipped (too many in flight).",
+    ),
+    "rfloc_challenger_distance_km": MetricSpec(
+        "histogram",
+        ("version",),
+        "Geodesic distance in km between the champion's and the challenger's position for "
+        "the same capture.",
+        DISTANCE_BUCKETS_KM,
+    ),
+    "rfloc_challenger_latency_ms": MetricSpec(
+        "histogram",
+        ("version",),
+        "Latency in ms of a shadow run through the chain on the challenger model.",
+        LATENCY_BUCKETS_MS,
+    ),
 }
 
 
@@ -129,6 +148,9 @@ class IngressMetrics:
         self._requests = make_metric("rfloc_requests")
         self._latency = make_metric("rfloc_stage_latency_ms")
         self._cache = make_metric("rfloc_cache_events")
+        self._challenger = make_metric("rfloc_challenger_requests")
+        self._challenger_km = make_metric("rfloc_challenger_distance_km")
+        self._challenger_ms = make_metric("rfloc_challenger_latency_ms")
         self._cache_seen: dict[str, int] = {}
         self._cache_lock = threading.Lock()
 
@@ -137,6 +159,16 @@ class IngressMetrics:
         self._requests.inc(tags={"endpoint": endpoint, "status": str(status)})
         if endpoint in PREDICT_ROUTES and status < 400:
             self._latency.observe(elapsed_ms, tags={"stage": "total"})
+
+    def challenger(self, outcome: str, version: str | None = None,
+                   distances_km: list[float] = (), latency_ms: float | None = None) -> None:
+        """Record one shadow run on the challenger."""
+        self._challenger.inc(tags={"outcome": outcome})
+        if version is not None:
+            for d in distances_km:
+                self._challenger_km.observe(d, tags={"version": version})
+            if latency_ms is not None:
+                self._challenger_ms.observe(latency_ms, tags={"version": version})
 
     def sync_cache(self, cache: Any) -> None:
         """Add what the cache counted since the last call (its `stats` counters)."""

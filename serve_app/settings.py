@@ -103,3 +103,11 @@ class IngressConfig(BatchConfig):
 
     model_alias: str | None = Field(default=None, description="Override of args.model_alias.")
     poll_interval_s: float = Field(default=10.0, ge=0.5, description="Registry alias poll.")
+    challenger_alias: str | None = Field(
+        default=None, description="Alias of a challenger model shadowing sampled requests "
+        "off the response path (unset: no challenger).")
+    challenger_fraction: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Fraction of alias-served requests also run on the challenger.")
+    challenger_max_inflight: int = Field(
+        default=4, ge=1, le=64, description="Shadow runs in flight at most; more are skipped.")

@@ -222,3 +222,62 @@ def test_registry_unreachable_during_reload(app_url, admin_headers, sample_reque
             os.killpg(server.pid, 15)
             server.wait(timeout=30)
         deploy_config(shipped_config(int(app_url.rsplit(":", 1)[1])))
+
+
+def test_challenger_shadows_requests_off_the_response_path(app_url, registry, sample_requests,
+                                                           tmp_path):
+    from tests.conftest import deploy_config, shipped_config
+
+    v_champion = served_version(app_url)
+    v_challenger = registry.register(variant(tmp_path, "challenger"), description="challenger")
+    registry.set_alias("challenger", v_challenger)
+    port = int(app_url.rsplit(":", 1)[1])
+    cfg = shipped_config(port)
+    ingress = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "Ingress")
+    ingress["user_config"] = {**ingress["user_config"], "challenger_alias": "challenger",
+                              "challenger_fraction": 1.0}
+    deploy_config(cfg)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = httpx.get(app_url + "/model/info", timeout=30).json()
+            if info["challenger"]["version"] == v_challenger:
+                break
+            time.sleep(0.5)
+        assert info["challenger"]["version"] == v_challenger
+        for body in sample_requests["b64"][:4]:
+            r = httpx.post(app_url + "/predict", json={**body, "cache": False}, timeout=60)
+            assert r.status_code == 200 and r.json()["model"]["version"] == v_champion
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = httpx.get(app_url + "/model/info", timeout=30).json()["challenger"]
+            if info["runs"]["ok"] >= 4:
+                break
+            time.sleep(0.5)
+        assert info["runs"]["ok"] >= 4 and info["runs"]["error"] == 0, info
+        # Same weights, other file: the challenger agrees with the champion to the metre.
+        assert info["last_distances_km"] and max(info["last_distances_km"]) < 1e-3
+    finally:
+        deploy_config(shipped_config(port))
+
+
+def test_cache_identity_follows_the_served_file(app_url, registry, admin_headers,
+                                                sample_requests, tmp_path):
+    """An answer cached for one model file is never served for another, same version or not."""
+    body = {**sample_requests["b64"][6], "confidence_level": 0.9123, "cache": True}
+    first = httpx.post(app_url + "/predict", json=body, timeout=60).json()
+    again = httpx.post(app_url + "/predict", json=body, timeout=60).json()
+    assert (first["cache_hit"], again["cache_hit"]) == (False, True)
+    assert again["model"]["sha256"] == first["model"]["sha256"]
+    v_old = served_version(app_url)
+    v_new = registry.register(variant(tmp_path, "cache-identity"), description="cache test")
+    registry.set_alias("production", v_new)
+    try:
+        assert httpx.post(app_url + "/model/reload", headers=admin_headers,
+                          timeout=60).status_code == 200
+        after = httpx.post(app_url + "/predict", json=body, timeout=60).json()
+        assert after["cache_hit"] is False and after["model"]["version"] == v_new
+        assert after["model"]["sha256"] != first["model"]["sha256"]
+    finally:
+        registry.set_alias("production", v_old)
+        httpx.post(app_url + "/model/reload", headers=admin_headers, timeout=60)
