@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from deployments.challenger import Challenger
@@ -67,6 +67,17 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s", request.url.path)
     return JSONResponse({"error": {"field": None, "message": "internal error", "status": 500}},
                         status_code=500)
+
+
+def _replica_failure(exc: BaseException | None) -> bool:
+    """A replica died under this call, directly or upstream of a chained handle call."""
+    # Serve's router reports an upstream replica's death (a DeploymentResponse passed to the
+    # next deployment) as a RayServeException caused by the ActorDiedError.
+    while exc is not None:
+        if isinstance(exc, RETRYABLE):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 class Unavailable(Exception):
@@ -149,7 +160,9 @@ class Ingress:
                 return await self._post.remote(out)
             except BackPressureError as exc:
                 raise Unavailable(f"overloaded: {exc}") from exc
-            except RETRYABLE as exc:
+            except (*RETRYABLE, RayServeException) as exc:
+                if not _replica_failure(exc):
+                    raise
                 if attempt == self._args.retries:
                     raise Unavailable(f"replica failure after {attempt + 1} attempts") from exc
                 logger.warning("retrying after replica failure: %s", exc)
