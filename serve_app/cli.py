@@ -59,7 +59,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
                                          delete=False) as tmp:
             yaml.safe_dump(cfg, tmp, sort_keys=False)
         config_path = Path(tmp.name)
-    env_vars = {**LOOPBACK_ENV, **os.environ}
+    # A fresh local Ray instance, even when another cluster runs on this machine (set
+    # RAY_ADDRESS to attach to one on purpose; `serve deploy` is the way onto a cluster).
+    env_vars = {**LOOPBACK_ENV, "RAY_ADDRESS": "local", **os.environ}
     port = cfg.get("http_options", {}).get("port", 8000)
     print(f"starting Ray Serve: http://127.0.0.1:{port}/docs  (Ctrl-C stops)", flush=True)
     # `serve run` shuts Serve and the local Ray instance it started down on SIGINT; turn
