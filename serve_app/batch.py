@@ -128,20 +128,10 @@ class BatchPredictor:
                 "_t_start": np.full(b, t0), "_t_end": np.full(b, time.time())}
 
 
-def _blocks(iq: np.ndarray, present: np.ndarray, rows: int) -> list:
-    """Arrow tables of `rows` captures each: index, iq as float32 tensors, present."""
-    import pyarrow as pa
-    from ray.data.extensions import ArrowTensorArray
-
-    as_float = iq.view(np.float32)  # [n, R, 2S], zero copy
-    return [
-        pa.table({
-            "index": pa.array(np.arange(s, min(s + rows, len(iq)), dtype=np.int64)),
-            "iq": ArrowTensorArray.from_numpy(as_float[s : s + rows]),
-            "present": ArrowTensorArray.from_numpy(present[s : s + rows]),
-        })
-        for s in range(0, len(iq), rows)
-    ]
+def _rows(iq: np.ndarray, present: np.ndarray) -> list[dict[str, Any]]:
+    """One row per capture: index, iq as float32 [R, 2S] (Arrow has no complex), present."""
+    as_float = iq.view(np.float32)  # zero copy
+    return [{"index": i, "iq": as_float[i], "present": present[i]} for i in range(len(iq))]
 
 
 class _Writer:
@@ -215,7 +205,10 @@ def run_batch(
         ctx = DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows come out in input order
         ctx.enable_progress_bars = progress
-        ds = ray.data.from_arrow(_blocks(iq, present, BLOCK_CAPTURES)).map_batches(
+        # from_items builds the blocks here, without tasks: `from_arrow`/`from_numpy` run a
+        # 1-CPU task per block, which never starts on a cluster whose CPUs Serve holds.
+        n_blocks = -(-n // BLOCK_CAPTURES)
+        ds = ray.data.from_items(_rows(iq, present), override_num_blocks=n_blocks).map_batches(
             BatchPredictor,
             batch_size=batch_size,
             batch_format="numpy",
