@@ -1,0 +1,583 @@
+"""Side-by-side benchmark of L, N and S (DESIGN.md "Performance") for the three workloads.
+
+  L  the in-process limit: parse + decode + features + ONNX + postprocess + JSON answer,
+     vectorized over 64 captures, one Python process, no HTTP
+  N  load/naive_app.py under uvicorn (1 worker), started here on a loopback port
+  S  the shipped configs/serve_config.yaml under `rfloc serve` (a copy on another port, a
+     temporary RFLOC_STATE_DIR, its own local Ray instance), stopped with SIGTERM
+
+For each: captures/s at saturation (closed loop) and p50/p99 latency at a fixed moderate
+rate (open loop, the same rate for N and S: --rate-frac of the lower saturated rate).
+Also: peak RSS (VmHWM) of every Serve replica under the batch workload, and the offline
+`rfloc batch` (Ray Data) throughput. Prints a table and rewrites the sections
+"## L / N / S" and "## Offline batch" of docs/performance.md, keeping every other section.
+
+    python load/bench.py            # the full run (~8 min on 2 cores)
+    python load/bench.py --quick    # smoke run (~2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from httpload import LoadResult, closed_loop, open_loop, run  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "performance.md"
+SHIPPED_CONFIG = REPO / "configs" / "serve_config.yaml"
+L_PASS_CAPTURES = 64
+BATCH_CAPTURES = 32
+
+
+@dataclass
+class Workload:
+    """One of the three DESIGN.md workloads."""
+
+    name: str
+    path: str
+    bodies: list[bytes]
+    captures_per_request: int
+    concurrency: int
+    results: dict[str, dict] = field(default_factory=dict)  # target → figures
+
+
+def machine() -> dict:
+    """nproc, CPU model, RAM, kernel, Python, load average."""
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    import ray
+
+    return {"nproc": os.cpu_count(), "cpu": model, "ram_gib": round(mem_kb / 2**20, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "ray": ray.__version__}
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load averages."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def build_workloads(n_single: int, n_pairs: int, n_batches: int, seed: int) -> list[Workload]:
+    """Request bodies from the simulator, JSON-encoded once, cache off."""
+    from serve_app.samples import make_samples
+
+    b64 = make_samples(max(n_single, n_batches * BATCH_CAPTURES), seed, form="b64").requests
+    pairs = make_samples(n_pairs, seed + 1, form="pairs").requests
+    chunks = [b64[i * BATCH_CAPTURES:(i + 1) * BATCH_CAPTURES] for i in range(n_batches)]
+    batches = [orjson.dumps({"captures": [{**r, "cache": False} for r in c]}) for c in chunks]
+    return [
+        Workload("single iq_b64", "/predict",
+                 [orjson.dumps({**r, "cache": False}) for r in b64[:n_single]], 1, 16),
+        Workload("single iq pairs", "/predict",
+                 [orjson.dumps({**r, "cache": False}) for r in pairs], 1, 8),
+        Workload("batch 32 iq_b64", "/predict/batch", batches, BATCH_CAPTURES, 4),
+    ]
+
+
+# -- L ----------------------------------------------------------------------------------------
+
+class InProcess:
+    """The whole service's work on request bodies, in this process."""
+
+    def __init__(self) -> None:
+        from serve_app.model import OnnxLocalizer
+        from serve_app.receivers import load_network
+
+        self.network = load_network()
+        self.model = OnnxLocalizer(REPO / "models" / "localization_model.onnx",
+                                   self.network.ids)
+        self.ref = {"name": "localization_model", "version": "local", "alias": None}
+
+    def answer(self, bodies: list[bytes], batch: bool) -> list[bytes]:
+        """Decode every capture of `bodies`, run them as one vectorized group, encode answers."""
+        from serve_app.decode import decode_capture, decode_raw_batch, decode_raw_body
+        from serve_app.pipeline import infer, postprocess, preprocess, stack_captures
+
+        reqs = []
+        for b in bodies:
+            reqs.extend(decode_raw_batch(b) if batch else [decode_raw_body(b)])
+        decoded = [decode_capture(r, self.network) for r in reqs]
+        group = stack_captures([(d.iq, d.slots) for d in decoded], len(self.network),
+                               [r.confidence_level for r in reqs])
+        [g] = infer(preprocess([group], self.network), self.model, self.ref)
+        postprocess(g, self.network)
+        assert g.results is not None
+        return [orjson.dumps({**r, "model": self.ref, "timing_ms": g.timing_ms})
+                for r in g.results]
+
+
+def measure_l(w: Workload, core: InProcess, duration_s: float, n_latency: int) -> dict:
+    """Captures/s vectorized over L_PASS_CAPTURES captures, and single-request latency."""
+    batch = w.captures_per_request > 1
+    per_pass = max(1, L_PASS_CAPTURES // w.captures_per_request)
+    passes = [w.bodies[(i * per_pass) % len(w.bodies):][:per_pass]
+              for i in range(max(1, len(w.bodies) // per_pass))]
+    core.answer(passes[0], batch)  # warm-up
+    done, t0, i = 0, time.perf_counter(), 0
+    while time.perf_counter() - t0 < duration_s or i == 0:
+        done += len(core.answer(passes[i % len(passes)], batch))
+        i += 1
+    rate = done / (time.perf_counter() - t0)
+    lat = []
+    for k in range(n_latency):
+        t = time.perf_counter()
+        core.answer([w.bodies[k % len(w.bodies)]], batch)
+        lat.append(time.perf_counter() - t)
+    return {"captures_s": rate, "p50_ms": float(np.percentile(lat, 50) * 1e3),
+            "p99_ms": float(np.percentile(lat, 99) * 1e3), "note": "one request alone"}
+
+
+# -- servers ----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Poll `url` until 200; fail early if the server process died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=5.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready within {timeout_s} s")
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
+    """SIGTERM the server we started and wait; SIGKILL its own process group as a last resort."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session we created for it, nothing else
+            proc.wait(10)
+
+
+class Server:
+    """A server process started by the bench on a loopback port."""
+
+    def __init__(self, name: str, argv: list[str], port: int, env: dict[str, str],
+                 log: Path, health: str = "/health") -> None:
+        self.name, self.argv, self.port, self.env, self.log = name, argv, port, env, log
+        self.health = health
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float) -> None:
+        """Start it in its own session and wait for readiness."""
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         cwd=REPO)
+        wait_ready(f"http://127.0.0.1:{self.port}{self.health}", self.proc, timeout_s)
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, wait)."""
+        if self.proc is not None:
+            stop(self.proc)
+
+
+def start_naive(tmp: Path) -> Server:
+    """N: naive_app under uvicorn, one worker."""
+    port = free_port()
+    srv = Server("N", [sys.executable, str(REPO / "load" / "naive_app.py"), "--port", str(port)],
+                 port, dict(os.environ), tmp / "naive.log")
+    srv.start(120)
+    return srv
+
+
+def start_serve(tmp: Path, config: Path, extra_env: dict[str, str]) -> tuple[Server, str]:
+    """S: `rfloc serve --config <copy on a free port>`, its own state dir and Ray instance."""
+    port = free_port()
+    cfg = yaml.safe_load(config.read_text())
+    cfg["http_options"]["port"] = port
+    cfg_path = tmp / "serve_config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RFLOC_REDIS_URL")}
+    haproxy = tmp / "haproxy"
+    haproxy.mkdir(exist_ok=True)
+    env.update({"RFLOC_STATE_DIR": str(tmp / "state"),
+                "RAY_ADDRESS": "local",  # never attach to someone else's `ray start` cluster
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                # HAProxy's files and its stats/metrics ports default to fixed, machine-wide
+                # values: give this instance its own so it cannot collide with another one.
+                "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy / "haproxy.cfg"),
+                "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy / "admin.sock"),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                **extra_env})
+    argv = [sys.executable, "-m", "serve_app.cli", "serve", "--config", str(cfg_path)]
+    srv = Server("S", argv, port, env, tmp / "serve.log")
+    srv.start(300)
+    shown = " ".join(f"{k}={v}" for k, v in extra_env.items())
+    return srv, f"{shown} rfloc serve --config {config.relative_to(REPO)}".strip()
+
+
+# -- replicas' memory -------------------------------------------------------------------------
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(d.name))
+    return kids
+
+
+def replicas(root_pid: int) -> dict[int, str]:
+    """pid → name of the `ray::ServeReplica…` processes descended from `root_pid` (ours only)."""
+    kids, out, todo = _children(), {}, [root_pid]
+    while todo:
+        pid = todo.pop()
+        for c in kids.get(pid, []):
+            todo.append(c)
+            try:
+                cmd = Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if cmd.startswith("ray::ServeReplica") or cmd.startswith("ray::ProxyActor"):
+                out[c] = cmd.strip()
+    return out
+
+
+def _status_kb(pid: int, key: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peaks(pids: dict[int, str]) -> None:
+    """Reset VmHWM (write 5 to clear_refs), so the peak covers what follows only."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def peaks(pids: dict[int, str]) -> list[dict]:
+    """Peak and current RSS of each replica, MiB."""
+    rows = []
+    for pid, name in sorted(pids.items(), key=lambda x: x[1]):
+        hwm, rss = _status_kb(pid, "VmHWM"), _status_kb(pid, "VmRSS")
+        if hwm is not None:
+            rows.append({"pid": pid, "name": name.replace("ray::", ""),
+                         "peak_rss_mib": round(hwm / 1024, 1),
+                         "rss_mib": round((rss or 0) / 1024, 1)})
+    return rows
+
+
+# -- HTTP phases ------------------------------------------------------------------------------
+
+def saturate(w: Workload, port: int, warm_s: float, dur_s: float) -> LoadResult:
+    """Warm up, then captures at saturation (closed loop)."""
+    run(closed_loop(port, w.path, w.bodies, concurrency=w.concurrency, duration_s=warm_s,
+                    max_requests=100_000))
+    return run(closed_loop(port, w.path, w.bodies, concurrency=w.concurrency,
+                           duration_s=dur_s, max_requests=100_000))
+
+
+def at_rate(w: Workload, port: int, rate_rps: float, dur_s: float) -> LoadResult:
+    """Latency at a fixed request rate (open loop)."""
+    return run(open_loop(port, w.path, w.bodies, rate_rps=rate_rps, duration_s=dur_s))
+
+
+def _figures(res: LoadResult, w: Workload) -> dict:
+    bad = {k: v for k, v in res.status.items() if k != 200}
+    return {"captures_s": res.rps() * w.captures_per_request, "requests": res.requests,
+            "non_200": bad, "conn_errors": res.errors}
+
+
+# -- offline batch ----------------------------------------------------------------------------
+
+def offline(tmp: Path, n: int, l_rate: float) -> dict:
+    """`rfloc simulate --npz` then `rfloc batch` (its own Ray instance); captures/s of the run."""
+    npz, out = tmp / "captures.npz", tmp / "predictions.parquet"
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    rfloc = [sys.executable, "-m", "serve_app.cli"]
+    subprocess.run([*rfloc, "simulate", "--npz", str(npz), "--n", str(n), "--seed", "5"],
+                   check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    log = tmp / "batch.log"
+    with open(log, "wb") as f:
+        t0 = time.perf_counter()
+        subprocess.run([*rfloc, "batch", str(npz), str(out), "--json-summary"], check=True,
+                       env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - t0
+    summary = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"captures_s"' in line:
+            summary = json.loads(line)
+    return {"n": n, "wall_s": wall, "captures_s": summary.get("captures_s", float("nan")),
+            "pipeline_s": summary.get("pipeline_s"), "startup_s": summary.get("startup_s"),
+            "l_captures_s": l_rate,
+            "command": f"rfloc simulate --npz captures.npz --n {n} --seed 5 && "
+                       f"rfloc batch captures.npz predictions.parquet"}
+
+
+# -- report -----------------------------------------------------------------------------------
+
+def fmt(x: float | None, digits: int = 0) -> str:
+    """A number for the table (— if missing)."""
+    if x is None or not np.isfinite(x):
+        return "—"
+    return f"{x:,.{digits}f}"
+
+
+def table(workloads: list[Workload]) -> str:
+    """The L/N/S markdown table."""
+    head = ("| workload | L cap/s | N cap/s | S cap/s | **S/N** | **S/L** | rate req/s | "
+            "L p50 / p99 ms | N p50 / p99 ms | S p50 / p99 ms |\n"
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+    rows = []
+    for w in workloads:
+        r = w.results
+        cap = {t: r.get(t, {}).get("captures_s") for t in "LNS"}
+        sn = cap["S"] / cap["N"] if cap["S"] and cap["N"] else None
+        sl = cap["S"] / cap["L"] if cap["S"] and cap["L"] else None
+        lat = {t: f"{fmt(r.get(t, {}).get('p50_ms'), 1)} / {fmt(r.get(t, {}).get('p99_ms'), 1)}"
+               for t in "LNS"}
+        rate = r.get("S", r.get("N", {})).get("rate_rps")
+        rows.append(f"| {w.name} | {fmt(cap['L'])} | {fmt(cap['N'])} | {fmt(cap['S'])} | "
+                    f"{fmt(sn, 2)} | {fmt(sl, 2)} | {fmt(rate, 1)} | {lat['L']} | {lat['N']} | "
+                    f"{lat['S']} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def replace_sections(doc: str, sections: dict[str, str]) -> str:
+    """Replace (or append) the `## title` sections named in `sections`; keep the others."""
+    if not doc.strip():
+        doc = "# Performance\n\nFigures of merit of DESIGN.md \"Performance\": S/N and S/L.\n"
+    parts = re.split(r"(?m)^(?=## )", doc)
+    out, seen = [], set()
+    for part in parts:
+        title = part.splitlines()[0][3:].strip() if part.startswith("## ") else None
+        if title in sections:
+            out.append(sections[title].rstrip() + "\n\n")
+            seen.add(title)
+        else:
+            out.append(part if part.endswith("\n\n") or not part.startswith("## ")
+                       else part.rstrip() + "\n\n")
+    for title, body in sections.items():
+        if title not in seen:
+            out.append(body.rstrip() + "\n\n")
+    return "".join(out).rstrip() + "\n"
+
+
+def report(args: argparse.Namespace, mach: dict, workloads: list[Workload], rss: list[dict],
+           off: dict | None, loads: dict[str, str], s_cmd: str, wall_s: float) -> dict[str, str]:
+    """The markdown sections this bench owns."""
+    cmd = "python load/bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lns = [
+        "## L / N / S", "",
+        f"Measured by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M %Z')} "
+        f"(whole run {wall_s / 60:.1f} min).", "",
+        f"Machine: {mach['nproc']} cores ({mach['cpu']}), {mach['ram_gib']} GiB RAM, Linux "
+        f"{mach['kernel']}, Python {mach['python']}, Ray {mach['ray']}. Load average "
+        f"(1/5/15 min) at start {loads['start']}, before S {loads['before_s']}, at end "
+        f"{loads['end']} — the machine is shared, other engineers' tests run beside it.", "",
+        f"- **L**: the in-process limit — JSON parse, base64/pairs decode, features, ONNX, "
+        f"postprocess (ellipse + GeoJSON) and the JSON answer, vectorized over "
+        f"{L_PASS_CAPTURES} captures, one process, no HTTP ({args.duration:g} s). "
+        f"Its latency is one request processed alone.",
+        "- **N**: `python load/naive_app.py` (FastAPI, uvicorn, 1 worker, the same core per "
+        "request, no batching, no Ray).",
+        f"- **S**: `{s_cmd}` (a copy on a free port, fresh `RFLOC_STATE_DIR`, "
+        "`RAY_ADDRESS=local`).",
+        f"- Load: `load/httpload.py` (asyncio, keep-alive, loopback), in the bench process. "
+        f"Saturation: closed loop, {args.warmup:g} s warm-up then {args.duration:g} s, "
+        f"connections: " + ", ".join(f"{w.name} {w.concurrency}" for w in workloads) + ". "
+        f"Latency: open loop at a fixed rate = {args.rate_frac:g} × the lower of N's and S's "
+        f"saturated request rate (the same rate for both), {args.duration:g} s, "
+        "measured from each request's scheduled send time.",
+        "- Payloads: standard captures (7 receivers × 4,800 samples) from the simulator, "
+        "`\"cache\": false` (every request runs the whole chain).", "",
+        table(workloads),
+    ]
+    errs = [f"{w.name} {t}: {w.results[t].get('non_200')}, conn errors "
+            f"{w.results[t].get('conn_errors')}" for w in workloads for t in "NS"
+            if w.results.get(t, {}).get("non_200") or w.results.get(t, {}).get("conn_errors")]
+    if errs:
+        lns += ["Non-200 answers / connection errors: " + "; ".join(errs) + ".", ""]
+    if rss:
+        lns += ["Peak RSS (VmHWM, reset before the phase) of each Serve process under the "
+                "batch workload (saturation + fixed rate):", "",
+                "| process | pid | peak RSS MiB | RSS after MiB |", "|---|--:|--:|--:|"]
+        lns += [f"| {r['name']} | {r['pid']} | {r['peak_rss_mib']} | {r['rss_mib']} |"
+                for r in rss]
+        lns.append("")
+    sections = {"L / N / S": "\n".join(lns)}
+    if off:
+        sections["Offline batch"] = "\n".join([
+            "## Offline batch", "",
+            f"`{off['command']}` ({off['n']} standard captures, Ray Data `map_batches` with an "
+            "autoscaling actor pool, own local Ray instance), same run and machine as above:", "",
+            "| | captures/s | vs L |", "|---|--:|--:|",
+            f"| L (single iq_b64 above; includes JSON parse) | {fmt(off['l_captures_s'])} | 1.00 |",
+            f"| `rfloc batch`, pipeline only (first to last row) | {fmt(off['captures_s'])} | "
+            f"{fmt(off['captures_s'] / off['l_captures_s'], 2)} |",
+            f"| `rfloc batch`, whole command (Ray start, read, write) | "
+            f"{fmt(off['n'] / off['wall_s'])} | "
+            f"{fmt(off['n'] / off['wall_s'] / off['l_captures_s'], 2)} |",
+            "",
+        ])
+    return sections
+
+
+def main() -> int:
+    """Run the benchmark."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: short phases, few payloads")
+    p.add_argument("--targets", default="LNS", help="subset of L, N, S to measure")
+    p.add_argument("--workloads", default="b64,pairs,batch")
+    p.add_argument("--config", type=Path, default=SHIPPED_CONFIG, help="serve config for S")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment of `rfloc serve` (repeatable)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per measured phase")
+    p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per phase")
+    p.add_argument("--rate-frac", type=float, default=0.5)
+    p.add_argument("--offline", type=int, default=None, help="captures for rfloc batch (0: skip)")
+    p.add_argument("--doc", default=str(DOC), help="markdown file to update ('' = none)")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    args = p.parse_args()
+    args.duration = args.duration or (3.0 if args.quick else 12.0)
+    args.warmup = args.warmup or (1.0 if args.quick else 4.0)
+    if args.offline is None:
+        args.offline = 256 if args.quick else 2048
+    t_start = time.perf_counter()
+    loads = {"start": loadavg()}
+    mach = machine()
+    print(f"machine: {mach}; load {loads['start']}", flush=True)
+    n_single, n_pairs, n_batches = (16, 4, 2) if args.quick else (64, 16, 4)
+    keys = {"b64": 0, "pairs": 1, "batch": 2}
+    all_w = build_workloads(n_single, n_pairs, n_batches, seed=21)
+    workloads = [all_w[keys[k]] for k in args.workloads.split(",")]
+    serve_env = dict(kv.split("=", 1) for kv in args.serve_env)
+
+    if "L" in args.targets:
+        core = InProcess()
+        for w in workloads:
+            w.results["L"] = measure_l(w, core, args.duration, 30 if args.quick else 200)
+            print(f"L {w.name}: {w.results['L']['captures_s']:.0f} captures/s", flush=True)
+
+    rss: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="rfloc-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        naive = start_naive(tmp) if "N" in args.targets else None
+        serve = None
+        s_cmd = "—"
+        try:
+            if naive:
+                for w in workloads:
+                    res = saturate(w, naive.port, args.warmup, args.duration)
+                    w.results["N"] = _figures(res, w)
+                    print(f"N {w.name}: {w.results['N']['captures_s']:.0f} captures/s", flush=True)
+            loads["before_s"] = loadavg()
+            if "S" in args.targets:
+                t = time.perf_counter()
+                serve, s_cmd = start_serve(tmp, args.config, serve_env)
+                print(f"S ready in {time.perf_counter() - t:.0f} s", flush=True)
+                assert serve.proc is not None
+                for w in workloads:
+                    if w.captures_per_request > 1:
+                        reset_peaks(replicas(serve.proc.pid))
+                    res = saturate(w, serve.port, args.warmup, args.duration)
+                    w.results["S"] = _figures(res, w)
+                    print(f"S {w.name}: {w.results['S']['captures_s']:.0f} captures/s", flush=True)
+                    rate = args.rate_frac * min(
+                        w.results[t]["captures_s"] for t in "NS" if t in w.results
+                    ) / w.captures_per_request
+                    res = at_rate(w, serve.port, max(rate, 0.5), args.duration)
+                    w.results["S"].update(p50_ms=res.pct_ms(50), p99_ms=res.pct_ms(99),
+                                          rate_rps=max(rate, 0.5), rate_non_200={
+                                              k: v for k, v in res.status.items() if k != 200})
+                    if w.captures_per_request > 1:
+                        rss = peaks(replicas(serve.proc.pid))
+                        for r in rss:
+                            print(f"  peak RSS {r['name']} (pid {r['pid']}): "
+                                  f"{r['peak_rss_mib']} MiB", flush=True)
+                serve.stop()
+                serve = None
+            if naive:
+                for w in workloads:
+                    rate = w.results.get("S", {}).get("rate_rps") or max(
+                        0.5, args.rate_frac * w.results["N"]["captures_s"] / w.captures_per_request)
+                    res = at_rate(w, naive.port, rate, args.duration)
+                    w.results["N"].update(p50_ms=res.pct_ms(50), p99_ms=res.pct_ms(99),
+                                          rate_rps=rate)
+        finally:
+            if serve:
+                serve.stop()
+            if naive:
+                naive.stop()
+        off = None
+        if args.offline:
+            l_rate = (workloads[0].results.get("L") or {}).get("captures_s", float("nan"))
+            off = offline(tmp, args.offline, l_rate)
+            print(f"offline rfloc batch: {off['captures_s']:.0f} captures/s "
+                  f"(whole command {off['n'] / off['wall_s']:.0f})", flush=True)
+    loads["end"] = loadavg()
+    loads.setdefault("before_s", "—")
+    print()
+    print(table(workloads))
+    sections = report(args, mach, workloads, rss, off, loads, s_cmd,
+                      time.perf_counter() - t_start)
+    if args.doc:
+        doc = Path(args.doc)
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        old = doc.read_text() if doc.exists() else ""
+        doc.write_text(replace_sections(old, sections))
+        print(f"wrote {args.doc}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": mach, "loads": loads, "rss": rss,
+                                         "offline": off, "workloads": {
+                                             w.name: w.results for w in workloads}},
+                                        indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
