@@ -26,7 +26,13 @@ from serve_app.cache import cache_key, make_cache
 from serve_app.decode import decode_capture, decode_raw_batch, decode_raw_body
 from serve_app.errors import InvalidInput, ModelError, RegistryUnavailable
 from serve_app.lifecycle import make_registry
-from serve_app.pipeline import Group, stack_captures
+from serve_app.pipeline import (
+    CaptureGroup,
+    Group,
+    concat_captures,
+    split_group,
+    stack_captures,
+)
 from serve_app.receivers import load_network
 from serve_app.schemas import (
     BatchRequest,
@@ -67,6 +73,10 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s", request.url.path)
     return JSONResponse({"error": {"field": None, "message": "internal error", "status": 500}},
                         status_code=500)
+
+
+def _n_captures(groups: list[CaptureGroup]) -> int:
+    return sum(len(g) for g in groups)
 
 
 def _replica_failure(exc: BaseException | None) -> bool:
@@ -114,6 +124,8 @@ class Ingress:
 
     def reconfigure(self, config: dict) -> None:
         cfg = IngressConfig.model_validate(config or {})
+        self._chain_batch.set_max_batch_size(cfg.max_batch_size)
+        self._chain_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._poll_interval_s = cfg.poll_interval_s
         challenger = self._challenger.alias
         self._challenger.configure(cfg.challenger_alias, cfg.challenger_fraction,
@@ -152,7 +164,21 @@ class Ingress:
     async def _run_chain(self, captures: list[tuple[np.ndarray, np.ndarray]],
                          confidence: list[float], pinned: str | None) -> Group:
         group = stack_captures(captures, len(self._network), confidence)
-        model = self._model.options(multiplexed_model_id=pinned) if pinned else self._model
+        if pinned:
+            return await self._call_chain(group,
+                                          self._model.options(multiplexed_model_id=pinned))
+        return await self._chain_batch(group)
+
+    # Concurrent requests cross the chain as one group: the cost of the three handle calls
+    # (most of a request's CPU, see docs/performance.md) is paid per batch, not per request.
+    # Two batches in flight keep the stages busy while the next batch forms.
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=2,
+                 batch_size_fn=_n_captures)
+    async def _chain_batch(self, groups: list[CaptureGroup]) -> list[Group]:
+        out = await self._call_chain(concat_captures(groups), self._model)
+        return split_group(out, [len(g) for g in groups])
+
+    async def _call_chain(self, group: CaptureGroup, model: DeploymentHandle) -> Group:
         for attempt in range(self._args.retries + 1):
             try:
                 feats = self._pre.remote(group)

@@ -68,6 +68,33 @@ def stack_captures(
     return CaptureGroup(iq, present, np.asarray(confidence, np.float64))
 
 
+def concat_captures(groups: list[CaptureGroup]) -> CaptureGroup:
+    """Several requests' captures as one group (to cross the deployment chain once)."""
+    if len(groups) == 1:
+        return groups[0]
+    return CaptureGroup(np.concatenate([g.iq for g in groups]),
+                        np.concatenate([g.present for g in groups]),
+                        np.concatenate([g.confidence_level for g in groups]))
+
+
+def split_group(group: Group, sizes: list[int]) -> list[Group]:
+    """Undo `concat_captures` on the chain's answer: one Group per request, in order."""
+    if len(sizes) == 1:
+        return [group]
+    out, start = [], 0
+    for n in sizes:
+        sl = slice(start, start + n)
+        start += n
+        out.append(Group(
+            group.features[sl], group.detected[sl], group.confidence_level[sl],
+            group.errors[sl], dict(group.timing_ms),
+            None if group.mean_enu_m is None else group.mean_enu_m[sl],
+            None if group.cov_enu_m2 is None else group.cov_enu_m2[sl],
+            group.model, None if group.results is None else group.results[sl],
+        ))
+    return out
+
+
 def preprocess(groups: list[CaptureGroup], network: ReceiverNetwork) -> list[Group]:
     """Features for several groups in one vectorized pass."""
     t0 = time.perf_counter()
