@@ -19,6 +19,12 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "serve_config.yaml"
 LOOPBACK_ENV = {
     # Keep a single-node cluster on 127.0.0.1 (node IP, GCS, dashboard).
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Throughput (docs/performance.md): HAProxy instead of the Python proxy, the ingress
+    # replica serving HTTP itself, gRPC between deployments. A /predict/batch group of 64
+    # captures is ~17 MB, over gRPC's 4 MB default message limit.
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(64 * 1024 * 1024),
 }
 
 
