@@ -283,13 +283,20 @@ def test_rayservice_is_sized_autoscaled_and_private():
 
 
 def test_rayservice_env_vars_are_documented_settings():
+    """Pod env: the service's settings, or the Serve options `rfloc serve` sets, same values."""
+    from serve_app.cli import LOOPBACK_ENV
     from serve_app.docgen import env_names
     from serve_app.settings import EnvSettings
 
     known = {n for name, f in EnvSettings.model_fields.items() for n in env_names(name, f)}
-    [headc] = rayservice()["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
-        "containers"]
-    assert {v["name"] for v in headc["env"]} <= known
+    serve_opts = {k: v for k, v in LOOPBACK_ENV.items() if k.startswith("RAY_SERVE_")}
+    cluster = rayservice()["spec"]["rayClusterConfig"]
+    [headc] = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    [workerc] = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    for container in (headc, workerc):
+        env = {v["name"]: v.get("value") for v in container["env"]}
+        assert set(env) <= known | set(serve_opts), container["name"]
+        assert {k: env.get(k) for k in serve_opts} == serve_opts, container["name"]
 
 
 # -- docs/operations.md ------------------------------------------------------------------------
