@@ -1,0 +1,151 @@
+"""Security properties without a cluster: admin token handling, nothing unpickled or evaluated.
+
+The model artifact's sha256 check is tested in tests/test_registry.py (tampered store or tag),
+the non-root image in tests/test_packaging.py, the admin endpoint over HTTP in
+tests/test_app_ray.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import pickle
+import sys
+from collections import OrderedDict
+
+import orjson
+import pytest
+from starlette.requests import Request
+
+from deployments.ingress import Ingress
+from serve_app.cache import LocalLRUCache, _loads, cache_key
+from serve_app.decode import decode_capture, decode_raw_batch, decode_raw_body
+from serve_app.errors import InvalidInput
+from serve_app.settings import EnvSettings
+
+TOKEN = "s3cret-admin-token-0123456789abcdef"
+
+# The Ingress instances built here skip the replica's constructor; its async __del__ is moot.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:coroutine .*__del__' was never awaited:RuntimeWarning")
+
+
+def _request(authorization: str | None) -> Request:
+    headers = [] if authorization is None else [(b"authorization", authorization.encode())]
+    return Request({"type": "http", "method": "POST", "path": "/model/reload",
+                    "headers": headers, "query_string": b""})
+
+
+def _ingress(monkeypatch, token: str | None):
+    """The Ingress class's own admin check, with settings read from this environment."""
+    if token is None:
+        monkeypatch.delenv("RFLOC_ADMIN_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("RFLOC_ADMIN_TOKEN", token)
+    ingress = object.__new__(Ingress.func_or_class)  # no replica: only the check is exercised
+    ingress._env = EnvSettings()
+    return ingress
+
+
+def _verdict(ingress, authorization: str | None) -> tuple[int, dict] | None:
+    denied = ingress._check_admin(_request(authorization))
+    return None if denied is None else (denied.status_code, orjson.loads(denied.body)["error"])
+
+
+def test_admin_endpoints_are_disabled_without_a_token(monkeypatch):
+    ingress = _ingress(monkeypatch, None)
+    for auth in (None, "Bearer anything", f"Bearer {TOKEN}", "Bearer "):
+        status, err = _verdict(ingress, auth)
+        assert status == 403 and "disabled" in err["message"], auth
+
+
+def test_admin_token_401_403_and_accept(monkeypatch):
+    ingress = _ingress(monkeypatch, TOKEN)
+    assert _verdict(ingress, None)[0] == 401
+    assert _verdict(ingress, "Basic abc")[0] == 401
+    assert _verdict(ingress, "Bearer ")[0] == 401
+    assert _verdict(ingress, "Bearer wrong")[0] == 403
+    assert _verdict(ingress, f"Bearer {TOKEN}x")[0] == 403
+    assert _verdict(ingress, f"Bearer {TOKEN[:-1]}")[0] == 403
+    assert _verdict(ingress, f"Bearer {TOKEN}") is None
+    assert _verdict(ingress, f"bearer {TOKEN}") is None  # the scheme is case-insensitive
+
+
+def test_admin_token_is_compared_in_constant_time(monkeypatch):
+    """The comparison goes through hmac.compare_digest (observed, not grepped)."""
+    ingress = _ingress(monkeypatch, TOKEN)
+    calls = []
+
+    def profile(frame, event, arg):  # noqa: ANN001, ANN202 - sys.setprofile signature
+        if event == "c_call" and arg is hmac.compare_digest:
+            calls.append(arg)
+
+    sys.setprofile(profile)
+    try:
+        for auth in ("Bearer wrong", f"Bearer {TOKEN}"):
+            _verdict(ingress, auth)
+    finally:
+        sys.setprofile(None)
+    assert len(calls) == 2
+
+
+class _Audit:
+    """Records code execution and unpickling audit events while armed (the hook stays)."""
+
+    EVENTS = {"pickle.find_class", "exec", "compile", "marshal.loads", "os.system",
+              "subprocess.Popen"}
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.seen: list[str] = []
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event: str, args: tuple) -> None:
+        if self.armed and event in self.EVENTS:
+            self.seen.append(event)
+
+
+@pytest.fixture(scope="module")
+def audit() -> _Audit:
+    return _Audit()
+
+
+def _hostile_path(network, good: dict) -> None:
+    """Everything a request and a cache entry go through at the ingress, with hostile data."""
+    planted = pickle.dumps(OrderedDict(a=1))  # unpickling it would look up a class
+    bodies = [orjson.dumps(good),
+              orjson.dumps({**good, "session_id": planted.hex()}),
+              planted, b"cos\nsystem\n(S'echo hi'\ntR.", b'{"receivers": "__import__(\'os\')"}',
+              orjson.dumps({**good, "receivers": [{**good["receivers"][0], "iq_b64": "gASVAA=="}]
+                            + good["receivers"][1:]})]
+    for body in bodies:
+        with contextlib.suppress(InvalidInput):
+            decode_capture(decode_raw_body(body), network)
+        with contextlib.suppress(InvalidInput):
+            decode_raw_batch(b'{"captures": [' + body + b"]}")
+    for raw in (planted, b"cos\nsystem\n(S'echo hi'\ntR."):
+        with pytest.raises(ValueError):
+            _loads(raw)
+    cache = LocalLRUCache(4)
+    key = cache_key("1", b"capture", 0.95)
+    asyncio.run(cache.set(key, {"result": {"x": 1}, "model": {"version": "1"}}))
+    assert asyncio.run(cache.get(key)) == {"result": {"x": 1}, "model": {"version": "1"}}
+
+
+def test_nothing_a_client_or_the_cache_supplies_is_unpickled_or_evaluated(
+        audit, network, sample_requests):
+    good = sample_requests["b64"][0]
+    audit.armed = True  # the hook has teeth: unpickling a class and eval are both seen
+    pickle.loads(pickle.dumps(OrderedDict()))
+    eval("1 + 1")
+    audit.armed = False
+    assert {"pickle.find_class", "compile"} <= set(audit.seen)
+    audit.seen.clear()
+    _hostile_path(network, good)  # warm up: imports compile and exec their modules
+    audit.armed = True
+    try:
+        _hostile_path(network, good)
+    finally:
+        audit.armed = False
+    assert audit.seen == [], f"code execution or unpickling on the request path: {audit.seen}"
