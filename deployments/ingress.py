@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, RayServeException
@@ -95,6 +96,28 @@ class Unavailable(Exception):
 
 
 app.include_router(map_router)  # GET /map, its assets and /map/sample
+
+# The bodies are parsed by hand (decode.py), so FastAPI does not list their models: the
+# request schemas and the models they refer to are added to the components here.
+_BODY_SCHEMAS: dict[str, Any] = {}
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, str]:
+    """A reference to `model` in the OpenAPI components (added by `_openapi`)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _BODY_SCHEMAS.update(schema.pop("$defs", {}))
+    _BODY_SCHEMAS[model.__name__] = schema
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _openapi() -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(_BODY_SCHEMAS)
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
 
 
 @serve.deployment
@@ -282,8 +305,7 @@ class Ingress:
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS,
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": CaptureRequest.model_json_schema(
-                      ref_template="#/components/schemas/{model}")}}}})
+                  "application/json": {"schema": _body_schema(CaptureRequest)}}}})
     async def predict(self, request: Request) -> Response:
         """Localize one capture."""
         try:
@@ -304,8 +326,7 @@ class Ingress:
 
     @app.post("/predict/batch", response_model=BatchResponse, responses=ERRORS,
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": BatchRequest.model_json_schema(
-                      ref_template="#/components/schemas/{model}")}}}})
+                  "application/json": {"schema": _body_schema(BatchRequest)}}}})
     async def predict_batch(self, request: Request) -> Response:
         """Localize several captures; a bad capture gets its own error entry."""
         try:
