@@ -72,12 +72,15 @@ def ray_cluster(tmp_path_factory):
     import ray
 
     state = tmp_path_factory.mktemp("rfloc-state")
+    # Serve's default proxy here, not rfloc serve's HAProxy/direct-ingress mode: that mode
+    # takes fixed ports (replica HTTP from 30000, HAProxy stats 8404), which a second cluster
+    # on the machine (the quickstart and two-node tests start their own) would share.
     env = {"RFLOC_STATE_DIR": str(state), "RFLOC_ADMIN_TOKEN": ADMIN_TOKEN,
            "REDIS_URL": REDIS_TEST_URL}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # inherited by the raylet and so by every replica
     metrics_export_port = free_port()  # Prometheus scrapes the node's metrics here
-    ray.init(num_cpus=2, include_dashboard=False, namespace="serve",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve",
              logging_level="warning", log_to_driver=False,
              _metrics_export_port=metrics_export_port)
     try:
