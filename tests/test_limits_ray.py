@@ -1,0 +1,48 @@
+"""Size limits on the running service: each refused with 413/422 before the heavy work."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from load import hostile
+from tests.conftest import shipped_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def body_limit(app_url) -> int:
+    args = shipped_config(0)["applications"][0]["args"]
+    return int(args.get("max_body_bytes", 64 * 1024 * 1024))
+
+
+def test_declared_oversize_is_refused_without_reading_the_body(app_url, body_limit):
+    declared = hostile.declared_oversize(app_url, declared=1 << 30)
+    assert (declared["status"], declared["field"]) == (413, "body"), declared
+    assert declared["sent_bytes"] == 0
+    # Reading even the allowed maximum through the proxy takes far longer than this refusal.
+    streamed = hostile.streamed_oversize(app_url, body_limit)
+    assert (streamed["status"], streamed["field"]) == (413, "body"), streamed
+    assert body_limit <= streamed["sent_bytes"] <= body_limit + 16 * (1 << 20)
+    print(f"\ndeclared 1 GiB refused in {declared['seconds'] * 1000:.0f} ms; "
+          f"{streamed['sent_bytes'] >> 20} MiB streamed refused after "
+          f"{streamed['seconds'] * 1000:.0f} ms")
+    assert declared["seconds"] < max(streamed["seconds"] / 5, 0.5)
+
+
+def test_receivers_samples_and_captures_limits(app_url, sample_requests):
+    good = sample_requests["b64"][0]
+    results = hostile.post_classes(app_url, hostile.oversize_bodies(good))
+    for res in results:
+        print(f"\n{res.name}: {dict(res.statuses)} in {res.median_ms:.0f} ms "
+              f"({res.body_bytes:,} bytes)")
+        assert res.expected == res.sent, (res.name, res.detail)
+        assert res.server_errors == 0
+    # The bodies refused by counting brackets cost the service little, however large.
+    by_name = {r.name: r for r in results}
+    for name in ("receivers per capture: 300,000", "samples per receiver: 1,000,000 [I, Q] "
+                 "pairs x 3", "captures per batch: 1,000,000 empty"):
+        assert by_name[name].median_ms < 3000, (name, by_name[name].median_ms)
+    r = httpx.post(app_url + "/predict", json={**good, "cache": False}, timeout=60)
+    assert r.status_code == 200
