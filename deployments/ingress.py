@@ -95,6 +95,15 @@ class Unavailable(Exception):
     """The service cannot answer now (overload, no replica, registry); maps to 503."""
 
 
+def _domain_error(exc: Exception) -> Response:
+    """The one place where domain errors become HTTP answers."""
+    if isinstance(exc, InvalidInput):
+        return _error(exc.status_code, exc.field, exc.message)
+    if isinstance(exc, ModelError):  # only a pinned version can be unknown here
+        return _error(404, "model_version", str(exc))
+    return _error(503, None, str(exc), {"Retry-After": "1"})
+
+
 app.include_router(map_router)  # GET /map, its assets and /map/sample
 
 # The bodies are parsed by hand (decode.py), so FastAPI does not list their models: the
@@ -313,12 +322,8 @@ class Ingress:
             req = await asyncio.to_thread(decode_raw_body, body)
             pinned = request.headers.get("serve_multiplexed_model_id") or req.model_version
             [item] = await self._predict_many([req], pinned, prefix=False)
-        except InvalidInput as exc:
-            return _error(exc.status_code, exc.field, exc.message)
-        except ModelError as exc:
-            return _error(404, "model_version", str(exc))
-        except Unavailable as exc:
-            return _error(503, None, str(exc), {"Retry-After": "1"})
+        except (InvalidInput, ModelError, Unavailable) as exc:
+            return _domain_error(exc)
         if not item["ok"]:
             e = item["error"]
             return _error(e["status"], e["field"], e["message"])
@@ -337,12 +342,8 @@ class Ingress:
                                                f"captures per request, got {len(reqs)}", 413)
             pinned = request.headers.get("serve_multiplexed_model_id")
             items = await self._predict_many(reqs, pinned, prefix=True)
-        except InvalidInput as exc:
-            return _error(exc.status_code, exc.field, exc.message)
-        except ModelError as exc:
-            return _error(404, "model_version", str(exc))
-        except Unavailable as exc:
-            return _error(503, None, str(exc), {"Retry-After": "1"})
+        except (InvalidInput, ModelError, Unavailable) as exc:
+            return _domain_error(exc)
         results = [{"index": i, **it} for i, it in enumerate(items)]
         return Response(orjson.dumps({"results": results}), media_type="application/json")
 
