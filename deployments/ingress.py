@@ -203,8 +203,9 @@ class Ingress:
 
     # Concurrent requests cross the chain as one group: the cost of the three handle calls
     # (most of a request's CPU, see docs/performance.md) is paid per batch, not per request.
-    # Two batches in flight keep the stages busy while the next batch forms.
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=2,
+    # Several batches in flight: the stages overlap, and at a moderate rate (batches of one
+    # or two requests) the chain's latency does not cap the request rate.
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=4,
                  batch_size_fn=_n_captures)
     async def _chain_batch(self, groups: list[CaptureGroup]) -> list[Group]:
         out = await self._call_chain(concat_captures(groups), self._model)
