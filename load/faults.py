@@ -62,6 +62,7 @@ class Sample:
     status: int  # HTTP status; -1 connection error, -2 client timeout
     retry_after: str | None = None
     version: str | None = None  # model version of a 200 answer (when recorded)
+    error: str | None = None  # the client-side exception of a -1 / -2
 
     @property
     def latency_s(self) -> float:
@@ -73,8 +74,9 @@ class SteadyLoad:
 
     With `rate_rps` the clients share that total rate (each waits for its slot); without it
     each sends back to back. `honor_retry_after` makes a client wait Retry-After seconds after
-    a 503, as a well-behaved client would. Runs on its own event loop in a thread; use as a
-    context manager or start()/stop().
+    a 503, as a well-behaved client would. Each client keeps one HTTP/1.1 connection (a
+    lean asyncio client: 600 clients cost well under a core). Runs on its own event loop in
+    a thread; use as a context manager or start()/stop().
     """
 
     def __init__(self, url: str, bodies: list[bytes], *, clients: int = 4,
@@ -159,10 +161,10 @@ class SteadyLoad:
                                                               self.timeout_s)
         except TimeoutError:
             conn.close()
-            return Sample(t, time.monotonic(), -2)
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            return Sample(t, time.monotonic(), -2, error="no answer within the client timeout")
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
             conn.close()
-            return Sample(t, time.monotonic(), -1)
+            return Sample(t, time.monotonic(), -1, error=repr(exc)[:200])
         version = None
         if self.record_version and status == 200:
             with contextlib.suppress(Exception):
@@ -258,6 +260,9 @@ def summarize(fault: str, load: SteadyLoad | _Load, samples: list[Sample], recov
     """A Row from the samples of one scenario; statuses in `ok` are not failures."""
     ok = set(ok)
     bad = Counter(s.status for s in samples if s.status not in ok)
+    errors = Counter(s.error for s in samples if s.error)
+    if errors:
+        notes += "; client-side errors: " + ", ".join(f"{e} x{n}" for e, n in errors.items())
     lat = np.array([s.latency_s for s in samples if s.status == 200] or [np.nan]) * 1000.0
     return Row(fault, load.clients, load.rate_rps, len(samples), sum(bad.values()),
                dict(sorted(bad.items())), recovery_s, float(np.nanpercentile(lat, 50)),
@@ -365,6 +370,19 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_named(pid: int, name: str) -> list[int]:
+    """PIDs of the direct children of `pid` whose command is `name` (e.g. Serve's haproxy)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (d / "stat").read_text()
+                comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1]
+                if comm == name and int(rest.split()[1]) == pid:
+                    out.append(int(d.name))
+    return out
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of a process in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -440,6 +458,9 @@ def kill_replica(url: str, deployment: str, bodies: list[bytes], *, app: str = "
     worst = max((s.latency_s for s in during if s.status == 200), default=float("nan"))
     notes = (f"{len(before)} replica(s) before; replacement running after "
              f"{(replaced - t_kill):.1f} s" if replaced else "replacement did not come up")
+    bad_at = [f"{s.t_sent - t_kill:+.1f}" for s in samples if s.status != 200]
+    if bad_at:
+        notes += f"; failed requests sent at {', '.join(bad_at[:10])} s from the kill"
     return summarize(f"{deployment} replica killed (ray.kill)", load, samples, recovery,
                      notes + f"; slowest answer across the kill {worst:.1f} s",
                      replaced_s=None if replaced is None else replaced - t_kill)
@@ -761,8 +782,11 @@ def overload(url: str, bodies: list[bytes], *, app: str = "rfloc", clients: int 
     are 200.
     """
     [ingress] = replica_names(app, "Ingress")
+    proxies = proxy_pids()
+    haproxy = [h for p in proxies for h in children_named(p, "haproxy")]
     pids = {"ingress": replica_pid(ingress),
-            **{f"proxy{i}": p for i, p in enumerate(proxy_pids())},
+            **{f"proxy{i}": p for i, p in enumerate(proxies)},
+            **{f"haproxy{i}": p for i, p in enumerate(haproxy)},
             **{dep: replica_pid(replica_names(app, dep)[0])
                for dep in ("Preprocessor", "LocalizationModel", "Postprocessor")}}
     samples: list[Sample] = []
@@ -806,9 +830,10 @@ def overload(url: str, bodies: list[bytes], *, app: str = "rfloc", clients: int 
     notes = (f"{rounds} rounds of {round_s:g} s; {ok} answered 200 ({ok / busy_s:.0f}/s), "
              f"{len(shed)} shed with 503, {with_header} of them with Retry-After; "
              f"RSS MiB ingress {mib(before, 'ingress')} → peaks "
-             f"{' / '.join(mib(p, 'ingress') for p in peaks)} → {mib(after, 'ingress')}, "
-             f"proxy {mib(before, 'proxy0')} → peaks "
-             f"{' / '.join(mib(p, 'proxy0') for p in peaks)} → {mib(after, 'proxy0')}; "
+             f"{' / '.join(mib(p, 'ingress') for p in peaks)} → {mib(after, 'ingress')}"
+             + "".join(f", {k} {mib(before, k)} → peaks {' / '.join(mib(p, k) for p in peaks)}"
+                       f" → {mib(after, k)}" for k in pids if k.startswith(("proxy0", "haproxy")))
+             + "; "
              f"light load after: {dict(Counter(s.status for s in light.samples))}")
     return summarize(f"overload: {clients} clients, far beyond capacity", _Load(clients, None),
                      samples, None if recovered is None else recovered - t_drop, notes,
