@@ -134,7 +134,7 @@ class TwoNodeCluster:
         for app in r.json()["applications"].values():
             for name, dep in app["deployments"].items():
                 for rep in dep["replicas"]:
-                    out.append({"deployment": name, "node_ip": rep["node_ip"],
+                    out.append({"deployment": name, "node_ip": rep.get("node_ip"),
                                 "state": rep["state"]})
         return out
 
