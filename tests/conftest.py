@@ -8,13 +8,12 @@ config deployed on a loopback port.
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
+
+from load.faults import free_port, wait_http  # noqa: F401 - shared with the tests
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "configs" / "serve_config.yaml"
@@ -25,29 +24,6 @@ REDIS_TEST_URL = "redis://127.0.0.1:6379/3"
 def pytest_configure(config: pytest.Config) -> None:
     # Ray reads this when it is imported: keep every test cluster on 127.0.0.1.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout_s: float = 180.0, status: int = 200) -> httpx.Response:
-    """Poll `url` until it answers `status`, or fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(url, timeout=5.0)
-            if r.status_code == status:
-                return r
-            last = r.status_code
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer {status} within {timeout_s} s (last: {last})")
 
 
 @pytest.fixture(scope="session")
