@@ -25,7 +25,13 @@ from deployments.map_page import router as map_router
 from deployments.metrics import IngressMetrics, RequestMetricsMiddleware
 from serve_app.cache import cache_key, make_cache
 from serve_app.decode import decode_capture, decode_raw_batch, decode_raw_body
-from serve_app.errors import InvalidInput, ModelError, RegistryUnavailable
+from serve_app.errors import (
+    InvalidInput,
+    ModelError,
+    RegistryUnavailable,
+    batch_item_error,
+    error_body,
+)
 from serve_app.lifecycle import make_registry
 from serve_app.pipeline import (
     CaptureGroup,
@@ -63,10 +69,6 @@ def _error(status: int, field: str | None, message: str, headers: dict | None = 
     body = {"error": {"field": field, "message": message, "status": status}}
     return Response(orjson.dumps(body), status_code=status, media_type="application/json",
                     headers=headers)
-
-
-def _err_dict(exc: InvalidInput) -> dict:
-    return {"field": exc.field, "message": exc.message, "status": exc.status_code}
 
 
 @app.exception_handler(Exception)
@@ -250,15 +252,13 @@ class Ingress:
         out: list[dict | None] = [None] * len(reqs)
         todo: list[tuple[int, Any, CaptureRequest, str | None]] = []
         for i, req in enumerate(reqs):
-            if isinstance(req, InvalidInput):
-                out[i] = {"ok": False, "error": _err_dict(req)}
+            if isinstance(req, InvalidInput):  # decode_raw_batch prefixed it already
+                out[i] = {"ok": False, "error": error_body(req)}
                 continue
             try:
                 decoded = decode_capture(req, self._network)
             except InvalidInput as exc:
-                if prefix:
-                    exc = InvalidInput(f"captures[{i}].{exc.field}", exc.message, exc.status_code)
-                out[i] = {"ok": False, "error": _err_dict(exc)}
+                out[i] = {"ok": False, "error": error_body(exc, i if prefix else None)}
                 continue
             key = None if pinned or req.model_version else self._key(decoded, req, identity)
             cached = await self._cache.get(key) if key else None
@@ -278,9 +278,7 @@ class Ingress:
             for j, (i, _, _, key) in enumerate(items):
                 err = group.errors[j]
                 if err is not None:
-                    if prefix and err.get("field"):
-                        err = {**err, "field": f"captures[{i}].{err['field']}"}
-                    out[i] = {"ok": False, "error": err}
+                    out[i] = {"ok": False, "error": batch_item_error(err, i) if prefix else err}
                     continue
                 result = group.results[j]
                 out[i] = {"ok": True, "result": self._response(

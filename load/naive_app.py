@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from serve_app.decode import decode_capture, decode_raw_batch, decode_raw_body
-from serve_app.errors import InvalidInput
+from serve_app.errors import InvalidInput, batch_item_error, error_body
 from serve_app.model import OnnxLocalizer
 from serve_app.pipeline import Group, infer, postprocess, preprocess, stack_captures
 from serve_app.receivers import load_network
@@ -52,9 +52,9 @@ def _run(reqs: list[CaptureRequest | InvalidInput], prefix: bool) -> list[dict]:
                 raise req
             d = decode_capture(req, _network)
         except InvalidInput as exc:
-            field = f"captures[{i}].{exc.field}" if prefix and exc.field else exc.field
-            out[i] = {"ok": False, "error": {"field": field, "message": exc.message,
-                                             "status": exc.status_code}}
+            # decode_raw_batch prefixed its own errors; decode_capture's need it here.
+            index = i if prefix and not isinstance(req, InvalidInput) else None
+            out[i] = {"ok": False, "error": error_body(exc, index)}
             continue
         todo.append(i)
         captures.append((d.iq, d.slots))
@@ -69,9 +69,7 @@ def _run(reqs: list[CaptureRequest | InvalidInput], prefix: bool) -> list[dict]:
         for j, i in enumerate(todo):
             err = group.errors[j]
             if err is not None:
-                if prefix and err.get("field"):
-                    err = {**err, "field": f"captures[{i}].{err['field']}"}
-                out[i] = {"ok": False, "error": err}
+                out[i] = {"ok": False, "error": batch_item_error(err, i) if prefix else err}
                 continue
             timing = {**group.timing_ms, "total": (time.perf_counter() - t0) * 1000.0}
             out[i] = {"ok": True, "result": {

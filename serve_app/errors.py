@@ -15,6 +15,20 @@ class InvalidInput(RflocError):
         self.status_code = status_code
 
 
+def error_body(exc: InvalidInput, index: int | None = None) -> dict:
+    """The JSON error of `exc`; for capture `index` of a batch, its field is prefixed."""
+    field = exc.field
+    if index is not None and field:
+        field = f"captures[{index}].{field}"
+    return {"field": field, "message": exc.message, "status": exc.status_code}
+
+
+def batch_item_error(error: dict, index: int) -> dict:
+    """An error dict of the pipeline, for capture `index` of a batch (field prefixed)."""
+    field = error.get("field")
+    return {**error, "field": f"captures[{index}].{field}"} if field else error
+
+
 class ConfigError(RflocError):
     """A configuration file or setting is invalid."""
 

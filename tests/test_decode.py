@@ -668,3 +668,15 @@ def test_odd_extra_keys_are_quoted(network: ReceiverNetwork) -> None:
             decode_raw_body(orjson.dumps(obj))
         key = next(iter(obj))
         assert raw_exc.value.field == body_exc.value.field == f'["{key}"]'
+
+
+def test_batch_item_errors_are_prefixed_once() -> None:
+    from serve_app.errors import batch_item_error, error_body
+
+    exc = InvalidInput("receivers[1].iq_b64", "bad base64")
+    assert error_body(exc) == {"field": "receivers[1].iq_b64", "message": "bad base64",
+                               "status": 422}
+    assert error_body(exc, 3)["field"] == "captures[3].receivers[1].iq_b64"
+    err = {"field": "receivers", "message": "only 2 detected", "status": 422}
+    assert batch_item_error(err, 0)["field"] == "captures[0].receivers"
+    assert batch_item_error({**err, "field": None}, 0)["field"] is None
