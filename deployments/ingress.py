@@ -37,6 +37,7 @@ from serve_app.pipeline import (
     CaptureGroup,
     Group,
     concat_captures,
+    n_captures,
     split_group,
     stack_captures,
 )
@@ -77,9 +78,6 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": {"field": None, "message": "internal error", "status": 500}},
                         status_code=500)
 
-
-def _n_captures(groups: list[CaptureGroup]) -> int:
-    return sum(len(g) for g in groups)
 
 
 def _replica_failure(exc: BaseException | None) -> bool:
@@ -208,7 +206,7 @@ class Ingress:
     # Several batches in flight: the stages overlap, and at a moderate rate (batches of one
     # or two requests) the chain's latency does not cap the request rate.
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=4,
-                 batch_size_fn=_n_captures)
+                 batch_size_fn=n_captures)
     async def _chain_batch(self, groups: list[CaptureGroup]) -> list[Group]:
         out = await self._call_chain(concat_captures(groups), self._model)
         return split_group(out, [len(g) for g in groups])

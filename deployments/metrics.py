@@ -20,6 +20,8 @@ from typing import Any
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from serve_app.pipeline import n_captures
+
 PREFIX = "rfloc_"
 
 LATENCY_BUCKETS_MS = [0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
@@ -230,9 +232,6 @@ def _ingress_metrics() -> IngressMetrics | None:
 # -- batching deployments -----------------------------------------------------------------
 
 
-def _n_items(groups: list[Any]) -> int:
-    return sum(len(g) for g in groups)
-
 
 class BatchMetrics:
     """Stage latency, batch size and batch queue wait of a @serve.batch deployment."""
@@ -258,7 +257,7 @@ class BatchMetrics:
     def batch_started(self, items: list[Any]) -> None:
         """Observe the batch's size in captures and each item's wait in the queue."""
         now = time.perf_counter()
-        self._batch_size.observe(_n_items(items))
+        self._batch_size.observe(n_captures(items))
         for item in items:
             t = self._queued_at.get(id(item))
             if t is not None:

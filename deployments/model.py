@@ -11,15 +11,12 @@ from ray import serve
 
 from deployments.metrics import ModelMetrics
 from serve_app.lifecycle import ModelManager, load_golden, make_registry
-from serve_app.pipeline import Group, infer
+from serve_app.pipeline import Group, infer, n_captures
 from serve_app.receivers import load_network
 from serve_app.settings import AppArgs, EnvSettings, ModelConfig
 
 logger = logging.getLogger("ray.serve")
 
-
-def _n_items(groups: list[Group]) -> int:
-    return sum(len(g) for g in groups)
 
 
 @serve.deployment
@@ -60,10 +57,10 @@ class LocalizationModel:
                 return
             await asyncio.to_thread(self._manager.refresh, alias)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_n_items)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=n_captures)
     async def infer_batch(self, groups: list[Group]) -> list[Group]:
         loaded = self._manager.current  # one snapshot: a batch never mixes versions
-        self._batch_sizes[_n_items(groups)] += 1
+        self._batch_sizes[n_captures(groups)] += 1
         self._metrics.batch_started(groups)
         self._metrics.sync_model(self._manager)
         out = await asyncio.to_thread(infer, groups, loaded.localizer, loaded.ref)

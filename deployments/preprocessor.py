@@ -7,13 +7,9 @@ import asyncio
 from ray import serve
 
 from deployments.metrics import PreprocessorMetrics
-from serve_app.pipeline import CaptureGroup, Group, preprocess
+from serve_app.pipeline import CaptureGroup, Group, n_captures, preprocess
 from serve_app.receivers import load_network
 from serve_app.settings import BatchConfig
-
-
-def _n_captures(groups: list[CaptureGroup]) -> int:
-    return sum(len(g) for g in groups)
 
 
 @serve.deployment
@@ -29,7 +25,7 @@ class Preprocessor:
         self.featurize.set_max_batch_size(cfg.max_batch_size)
         self.featurize.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_n_captures)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=n_captures)
     async def featurize(self, groups: list[CaptureGroup]) -> list[Group]:
         self._metrics.batch_started(groups)
         out = await asyncio.to_thread(preprocess, groups, self._network)

@@ -1,5 +1,7 @@
 """Physical and capture constants shared by the simulator, features and the API."""
 
+import math
+
 SAMPLE_RATE_HZ = 48_000
 N_SAMPLES = 4_800
 CENTER_FREQ_HZ = 145_500_000
@@ -20,6 +22,4 @@ DEFAULT_CONFIDENCE = 0.95
 
 def noise_power_dbm(bandwidth_hz: float = SAMPLE_RATE_HZ) -> float:
     """Thermal noise power over `bandwidth_hz` with the receivers' noise figure."""
-    import math
-
     return THERMAL_NOISE_DBM_PER_HZ + 10.0 * math.log10(bandwidth_hz) + NOISE_FIGURE_DB

@@ -55,6 +55,11 @@ class Group:
         return np.array([e is None for e in self.errors], bool)
 
 
+def n_captures(groups: list[CaptureGroup] | list[Group]) -> int:
+    """Captures in a list of groups: the size Serve's batching counts (`batch_size_fn`)."""
+    return sum(len(g) for g in groups)
+
+
 def stack_captures(
     captures: list[tuple[np.ndarray, np.ndarray]], n_receivers: int, confidence: list[float]
 ) -> CaptureGroup:
