@@ -6,6 +6,7 @@ dotted path such as ``receivers[2].iq_b64``; nothing else escapes for any input.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -72,7 +73,16 @@ class DecodedCapture:
     iq: np.ndarray  # complex64 [n_present, n_samples], rows in request order
     receiver_ids: list[str]
     slots: np.ndarray  # int64 slot of each row's receiver in the network
-    canonical: bytes  # order-independent bytes identifying the capture (cache key input)
+    sample_rate_hz: float
+    center_freq_hz: float
+
+    @functools.cached_property
+    def canonical(self) -> bytes:
+        """Order-independent bytes identifying the capture (the cache key's input).
+
+        Computed on first use: a request that skips the cache never copies its IQ for it.
+        """
+        return _canonical(self.iq, self.slots, self.sample_rate_hz, self.center_freq_hz)
 
 
 def loc_to_field(loc: Sequence[int | str], prefix: str = "") -> str:
@@ -125,10 +135,22 @@ CAPTURE_MAX_OBJECTS = 1 + MAX_RECEIVERS + _BRACKET_SLACK
 CAPTURE_MAX_ARRAYS = 1 + MAX_RECEIVERS * (N_SAMPLES + 1) + _BRACKET_SLACK
 
 
+_COUNT_SLICE = 256 * 1024
+_BRACE, _BRACKET = ord("{"), ord("[")
+
+
 def _check_structure(body: bytes | str, captures: int) -> None:
     """Refuse a body with more JSON objects or arrays than `captures` valid captures hold."""
-    brace, bracket = (b"{", b"[") if isinstance(body, bytes | bytearray) else ("{", "[")
-    objects, arrays = body.count(brace), body.count(bracket)  # type: ignore[arg-type]
+    if isinstance(body, bytes | bytearray):
+        # numpy counts 3-5x faster than bytes.count; in slices that stay in the CPU cache.
+        raw = np.frombuffer(body, np.uint8)
+        objects = arrays = 0
+        for start in range(0, len(raw), _COUNT_SLICE):
+            part = raw[start : start + _COUNT_SLICE]
+            objects += int(np.count_nonzero(part == _BRACE))
+            arrays += int(np.count_nonzero(part == _BRACKET))
+    else:
+        objects, arrays = body.count("{"), body.count("[")
     if objects > 1 + captures * CAPTURE_MAX_OBJECTS or arrays > 1 + captures * CAPTURE_MAX_ARRAYS:
         raise InvalidInput(
             "body", f"holds {objects} JSON objects and {arrays} arrays, more than "
@@ -410,7 +432,8 @@ def decode_capture(
         iq=iq,
         receiver_ids=[r[0] for r in receivers],
         slots=slots,
-        canonical=_canonical(iq, slots, rate_hz, freq_hz),
+        sample_rate_hz=rate_hz,
+        center_freq_hz=freq_hz,
     )
 
 
