@@ -2,16 +2,19 @@
 
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import orjson
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
@@ -24,6 +27,7 @@ from deployments.challenger import Challenger
 from deployments.map_page import router as map_router
 from deployments.metrics import IngressMetrics, RequestMetricsMiddleware
 from serve_app.cache import cache_key, make_cache
+from serve_app.coalesce import Coalescer
 from serve_app.decode import decode_capture, decode_raw_batch, decode_raw_body
 from serve_app.errors import (
     InvalidInput,
@@ -36,8 +40,6 @@ from serve_app.lifecycle import make_registry
 from serve_app.pipeline import (
     CaptureGroup,
     Group,
-    concat_captures,
-    n_captures,
     split_group,
     stack_captures,
 )
@@ -91,6 +93,41 @@ def _replica_failure(exc: BaseException | None) -> bool:
     return False
 
 
+# A body up to this size parses in well under a millisecond on the event loop (a standard
+# iq_b64 capture is 359 kB), cheaper than the hand-off to a worker thread; larger ones (the
+# iq pairs form, batches) parse in a thread so the loop keeps serving other requests.
+INLINE_PARSE_BYTES = 512 * 1024
+
+
+async def _off_loop_if_large(parse: Callable[[bytes], Any], body: bytes) -> Any:
+    if len(body) <= INLINE_PARSE_BYTES:
+        return parse(body)
+    return await asyncio.to_thread(parse, body)
+
+
+def _by_reference(group: CaptureGroup) -> CaptureGroup:
+    """The group with its IQ in Ray's object store (shared memory on the node).
+
+    The IQ is ~270 kB per capture: sent inside the handle call it is pickled, pushed through
+    gRPC and unpickled again; by reference the Preprocessor maps it from the object store.
+    Serve's local testing mode runs without a Ray instance: the group then goes as it is.
+    """
+    if not ray.is_initialized():
+        return group
+    return dataclasses.replace(group, iq=ray.put(group.iq))
+
+
+@dataclasses.dataclass
+class Pending:
+    """One request's decoded captures waiting for a chain batch."""
+
+    captures: list[tuple[np.ndarray, np.ndarray]]  # (iq [n_present, S], slots) per capture
+    confidence: list[float]
+
+    def __len__(self) -> int:
+        return len(self.captures)
+
+
 class Unavailable(Exception):
     """The service cannot answer now (overload, no replica, registry); maps to 503."""
 
@@ -139,6 +176,10 @@ class Ingress:
         self._args = AppArgs.model_validate(args)
         self._env = EnvSettings()
         self._pre, self._model, self._post = preprocessor, model, postprocessor
+        defaults = IngressConfig()
+        self._batcher = Coalescer(self._chain_batch, max_size=defaults.max_batch_size,
+                                  max_in_flight=defaults.max_batches_in_flight,
+                                  min_overlap=defaults.overlap_min_captures, size=len)
         self._network = load_network(self._args.receivers_path)
         self._cache = make_cache(self._env.redis_url, self._args.cache_ttl_s,
                                  self._args.cache_timeout_ms, self._args.local_cache_items)
@@ -156,8 +197,8 @@ class Ingress:
 
     def reconfigure(self, config: dict) -> None:
         cfg = IngressConfig.model_validate(config or {})
-        self._chain_batch.set_max_batch_size(cfg.max_batch_size)
-        self._chain_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._batcher.configure(cfg.max_batch_size, cfg.max_batches_in_flight,
+                                cfg.overlap_min_captures)
         self._poll_interval_s = cfg.poll_interval_s
         challenger = self._challenger.alias
         self._challenger.configure(cfg.challenger_alias, cfg.challenger_fraction,
@@ -195,26 +236,26 @@ class Ingress:
 
     async def _run_chain(self, captures: list[tuple[np.ndarray, np.ndarray]],
                          confidence: list[float], pinned: str | None) -> Group:
-        group = stack_captures(captures, len(self._network), confidence)
         if pinned:
+            group = stack_captures(captures, len(self._network), confidence)
             return await self._call_chain(group,
                                           self._model.options(multiplexed_model_id=pinned))
-        return await self._chain_batch(group)
+        return await self._batcher.submit(Pending(captures, confidence))
 
     # Concurrent requests cross the chain as one group: the cost of the three handle calls
     # (most of a request's CPU, see docs/performance.md) is paid per batch, not per request.
-    # Several batches in flight: the stages overlap, and at a moderate rate (batches of one
-    # or two requests) the chain's latency does not cap the request rate.
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=4,
-                 batch_size_fn=n_captures)
-    async def _chain_batch(self, groups: list[CaptureGroup]) -> list[Group]:
-        out = await self._call_chain(concat_captures(groups), self._model)
-        return split_group(out, [len(g) for g in groups])
+    # Their captures are stacked once, here, into the array the Preprocessor reads.
+    async def _chain_batch(self, items: list[Pending]) -> list[Group]:
+        group = stack_captures([c for p in items for c in p.captures], len(self._network),
+                               [x for p in items for x in p.confidence])
+        out = await self._call_chain(group, self._model)
+        return split_group(out, [len(p) for p in items])
 
     async def _call_chain(self, group: CaptureGroup, model: DeploymentHandle) -> Group:
+        sent = _by_reference(group)  # held here until the chain answers, so the IQ stays put
         for attempt in range(self._args.retries + 1):
             try:
-                feats = self._pre.remote(group)
+                feats = self._pre.remote(sent)
                 out = model.remote(feats, self._alias, self._alias_version)
                 return await self._post.remote(out)
             except BackPressureError as exc:
@@ -316,7 +357,7 @@ class Ingress:
         """Localize one capture."""
         try:
             body = await self._body(request)
-            req = await asyncio.to_thread(decode_raw_body, body)
+            req = await _off_loop_if_large(decode_raw_body, body)
             pinned = request.headers.get("serve_multiplexed_model_id") or req.model_version
             [item] = await self._predict_many([req], pinned, prefix=False)
         except (InvalidInput, ModelError, Unavailable) as exc:
@@ -333,7 +374,7 @@ class Ingress:
         """Localize several captures; a bad capture gets its own error entry."""
         try:
             body = await self._body(request)
-            reqs = await asyncio.to_thread(decode_raw_batch, body)
+            reqs = await _off_loop_if_large(decode_raw_batch, body)
             if len(reqs) > self._args.max_batch_captures:
                 raise InvalidInput("captures", f"at most {self._args.max_batch_captures} "
                                                f"captures per request, got {len(reqs)}", 413)
@@ -356,6 +397,7 @@ class Ingress:
         """What a model replica serves, the alias the service follows, and reload history."""
         info = await self._model.info.remote()
         return {**info, "alias": self._alias, "alias_version": self._alias_version,
+                "chain_batch_sizes": dict(self._batcher.sizes),
                 "challenger": self._challenger.info(),
                 "registry_ok": self._registry_ok and info.get("registry_ok", True)}
 

@@ -73,17 +73,8 @@ def stack_captures(
     return CaptureGroup(iq, present, np.asarray(confidence, np.float64))
 
 
-def concat_captures(groups: list[CaptureGroup]) -> CaptureGroup:
-    """Several requests' captures as one group (to cross the deployment chain once)."""
-    if len(groups) == 1:
-        return groups[0]
-    return CaptureGroup(np.concatenate([g.iq for g in groups]),
-                        np.concatenate([g.present for g in groups]),
-                        np.concatenate([g.confidence_level for g in groups]))
-
-
 def split_group(group: Group, sizes: list[int]) -> list[Group]:
-    """Undo `concat_captures` on the chain's answer: one Group per request, in order."""
+    """Cut the answer for several requests' stacked captures: one Group per request, in order."""
     if len(sizes) == 1:
         return [group]
     out, start = [], 0

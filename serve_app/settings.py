@@ -96,10 +96,19 @@ class ModelConfig(BatchConfig):
                                      description="Pinned versions kept loaded per replica.")
 
 
-class IngressConfig(BatchConfig):
+class IngressConfig(BaseModel):
     """`user_config` of the Ingress: the alias it follows, how often it looks, chain batching."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    max_batch_size: int = Field(default=64, ge=MAX_BATCH_CAPTURES, le=1024,
+                                description="Captures per call down the chain.")
+    max_batches_in_flight: int = Field(
+        default=2, ge=1, le=16, description="Chain calls running at once. Requests arriving "
+        "while calls run wait and leave together in the next call (no timer).")
+    overlap_min_captures: int = Field(
+        default=16, ge=1, le=1024, description="Captures that must be waiting before a "
+        "call starts beside a running one; fewer wait for a running call to finish.")
 
     model_alias: str | None = Field(default=None, description="Override of args.model_alias.")
     poll_interval_s: float = Field(default=10.0, ge=0.5, description="Registry alias poll.")

@@ -1,4 +1,4 @@
-"""The Ingress batches requests across the chain: concat, run once, split — same answers."""
+"""The Ingress batches requests across the chain: stack, run once, split — same answers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 from serve_app.decode import decode_capture
 from serve_app.model import OnnxLocalizer
 from serve_app.pipeline import (
-    concat_captures,
     infer,
     postprocess,
     preprocess,
@@ -36,14 +35,16 @@ def test_concat_then_split_equals_one_chain_per_request(network, model):
     decoded = [decode_capture(r, network) for r in reqs]
     # Three requests of 1, 4 and 2 captures, with different confidence levels.
     sizes = [1, 4, 2]
+    levels = [0.5 + 0.2 * k for k, n in enumerate(sizes) for _ in range(n)]
     groups, start = [], 0
-    for k, n in enumerate(sizes):
+    for n in sizes:
         part = decoded[start : start + n]
-        start += n
         groups.append(stack_captures([(d.iq, d.slots) for d in part], len(network),
-                                     [0.5 + 0.2 * k] * n))
+                                     levels[start : start + n]))
+        start += n
 
-    merged = concat_captures(groups)
+    # What the Ingress sends down the chain: every request's captures stacked once.
+    merged = stack_captures([(d.iq, d.slots) for d in decoded], len(network), levels)
     assert len(merged) == sum(sizes)
     split = split_group(_chain(merged, network, model), sizes)
     alone = [_chain(g, network, model) for g in groups]
@@ -61,8 +62,3 @@ def test_concat_then_split_equals_one_chain_per_request(network, model):
                 assert ra["position"] == pytest.approx(rb["position"], abs=1e-6)  # float32 ONNX
                 assert ra["receivers_used"] == rb["receivers_used"]
 
-
-def test_single_group_passes_through(network):
-    d = decode_capture(make_samples(1, seed=4).requests[0], network)
-    g = stack_captures([(d.iq, d.slots)], len(network), [0.95])
-    assert concat_captures([g]) is g
