@@ -179,6 +179,20 @@ def _model_replicas() -> int:
     return int(status.replica_states.get("RUNNING", 0))
 
 
+def _settle_model_replicas(expected: int, timeout_s: float, poll_s: float = 1.0) -> int:
+    """Poll until `expected` replicas run (or the timeout); the count last seen.
+
+    A redeploy (an earlier test restores the shipped config) briefly takes the running
+    replica through UPDATING, so a single look can see 0 between two looks that see 1.
+    """
+    deadline = time.monotonic() + timeout_s
+    seen = _model_replicas()
+    while seen != expected and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        seen = _model_replicas()
+    return seen
+
+
 @pytest.mark.slow
 def test_autoscaling_up_and_down(app_url, network):
     """Drive the model deployment through its handle; it scales within the config's limits."""
@@ -195,10 +209,8 @@ def test_autoscaling_up_and_down(app_url, network):
     group = preprocess([stack_captures(
         [(s.iq[i], np.arange(len(network))) for i in range(16)], len(network), [0.95] * 16)],
         network)[0]
-    deadline = time.monotonic() + 60  # an earlier test's redeploy may still be settling
-    while time.monotonic() < deadline and _model_replicas() != limits["min_replicas"]:
-        time.sleep(1)
-    assert _model_replicas() == limits["min_replicas"]
+    # An earlier test's redeploy may still be settling.
+    assert _settle_model_replicas(limits["min_replicas"], 60) == limits["min_replicas"]
 
     async def drive(seconds: float) -> int:
         handle = serve.get_deployment_handle("LocalizationModel", "rfloc")
@@ -216,7 +228,5 @@ def test_autoscaling_up_and_down(app_url, network):
 
     peak = asyncio.run(drive(90.0))
     assert 2 <= peak <= limits["max_replicas"]
-    deadline = time.monotonic() + limits["downscale_delay_s"] + 120
-    while time.monotonic() < deadline and _model_replicas() > limits["min_replicas"]:
-        time.sleep(2)
-    assert _model_replicas() == limits["min_replicas"]
+    assert _settle_model_replicas(limits["min_replicas"], limits["downscale_delay_s"] + 120,
+                                  poll_s=2) == limits["min_replicas"]
