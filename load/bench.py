@@ -341,19 +341,33 @@ def peaks(pids: dict[int, str]) -> list[dict]:
 
 # -- HTTP phases ------------------------------------------------------------------------------
 
-def tree_cpu_s(root_pid: int) -> float:
-    """CPU seconds (user + system) used so far by `root_pid` and its live descendants."""
-    kids, total, todo = _children(), 0.0, [root_pid]
+def _proc_name(pid: int) -> str:
+    """A short name: the Ray actor (``Ingress``, ``ServeController``) or the program."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    if argv[0].startswith("ray::"):
+        name = argv[0][5:].split()[0].split(".")[0]
+        return name.rsplit(":", 1)[-1] if name.startswith("ServeReplica:") else name
+    prog = Path(argv[0]).name
+    if prog.startswith("python") and len(argv) > 1:
+        rest = [a for a in argv[1:] if a and not a.startswith("-")]
+        return f"python {Path(rest[0]).name}" if rest else prog
+    return prog
+
+
+def tree_cpu(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by `root_pid` and its live descendants, by name."""
+    kids, out, todo = _children(), {}, [root_pid]
     tick = os.sysconf("SC_CLK_TCK")
     while todo:
         pid = todo.pop()
         todo.extend(kids.get(pid, []))
         try:
             f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            name = _proc_name(pid)
         except OSError:
             continue
-        total += (int(f[11]) + int(f[12])) / tick
-    return total
+        out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / tick
+    return out
 
 
 def saturate(w: Workload, port: int, warm_s: float, dur_s: float, root_pid: int) -> dict:
@@ -365,12 +379,14 @@ def saturate(w: Workload, port: int, warm_s: float, dur_s: float, root_pid: int)
     run(closed_loop(port, w.path, w.bodies, concurrency=w.concurrency, duration_s=warm_s,
                     max_requests=100_000))
     phases: list[LoadResult] = []
-    c0 = tree_cpu_s(root_pid)
+    c0 = tree_cpu(root_pid)
     for _ in range(SUB_PHASES):
         phases.append(run(closed_loop(port, w.path, w.bodies, concurrency=w.concurrency,
                                       duration_s=dur_s / SUB_PHASES, max_requests=100_000)))
-    cpu_s = tree_cpu_s(root_pid) - c0
+    c1 = tree_cpu(root_pid)
     caps = sum(r.ok for r in phases) * w.captures_per_request
+    by_proc = {k: 1e3 * (v - c0.get(k, 0.0)) / max(caps, 1) for k, v in c1.items()}
+    cpu_s = sum(c1.values()) - sum(c0.values())
     status: dict[int, int] = {}
     for r in phases:
         for k, v in r.status.items():
@@ -379,6 +395,7 @@ def saturate(w: Workload, port: int, warm_s: float, dur_s: float, root_pid: int)
     return {"captures_s": max(rates), "sub_phases": rates, "requests": sum(r.requests
                                                                           for r in phases),
             "cpu_ms_per_capture": 1e3 * cpu_s / caps if caps else float("nan"),
+            "cpu_ms_per_capture_by_process": dict(sorted(by_proc.items(), key=lambda x: -x[1])),
             "non_200": {k: v for k, v in status.items() if k != 200},
             "conn_errors": sum(r.errors for r in phases), "load": loadavg()}
 
@@ -445,6 +462,24 @@ def table(workloads: list[Workload]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def cpu_table(workloads: list[Workload]) -> list[str]:
+    """Markdown lines: S's CPU ms per capture at saturation, by process (>= 0.05 somewhere)."""
+    by = {w.name: w.results["S"].get("cpu_ms_per_capture_by_process", {})
+          for w in workloads if "S" in w.results}
+    if not by:
+        return []
+    names = sorted({n for d in by.values() for n, v in d.items() if v >= 0.05},
+                   key=lambda n: -max(d.get(n, 0.0) for d in by.values()))
+    lines = ["Where S's CPU goes at saturation, ms per capture answered, by process (Serve "
+             "replicas by deployment name; Ray's own processes as named):", "",
+             "| process | " + " | ".join(by) + " |", "|---|" + "--:|" * len(by)]
+    lines += [f"| {n} | " + " | ".join(fmt(d.get(n), 2) for d in by.values()) + " |"
+              for n in names]
+    lines.append("| **all** | " + " | ".join(fmt(sum(d.values()), 2) for d in by.values())
+                 + " |")
+    return [*lines, ""]
+
+
 def replace_sections(doc: str, sections: dict[str, str]) -> str:
     """Replace (or append) the `## title` sections named in `sections`; keep the others."""
     if not doc.strip():
@@ -504,6 +539,7 @@ def report(args: argparse.Namespace, mach: dict, workloads: list[Workload], rss:
             if w.results.get(t, {}).get("non_200") or w.results.get(t, {}).get("conn_errors")]
     if errs:
         lns += ["Non-200 answers / connection errors: " + "; ".join(errs) + ".", ""]
+    lns += cpu_table(workloads)
     if rss:
         lns += ["Peak RSS (VmHWM, reset before the phase) of each Serve process under the "
                 "batch workload (saturation + fixed rate):", "",
