@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
@@ -103,18 +102,6 @@ async def _off_loop_if_large(parse: Callable[[bytes], Any], body: bytes) -> Any:
     if len(body) <= INLINE_PARSE_BYTES:
         return parse(body)
     return await asyncio.to_thread(parse, body)
-
-
-def _by_reference(group: CaptureGroup) -> CaptureGroup:
-    """The group with its IQ in Ray's object store (shared memory on the node).
-
-    The IQ is ~270 kB per capture: sent inside the handle call it is pickled, pushed through
-    gRPC and unpickled again; by reference the Preprocessor maps it from the object store.
-    Serve's local testing mode runs without a Ray instance: the group then goes as it is.
-    """
-    if not ray.is_initialized():
-        return group
-    return dataclasses.replace(group, iq=ray.put(group.iq))
 
 
 @dataclasses.dataclass
@@ -252,10 +239,9 @@ class Ingress:
         return split_group(out, [len(p) for p in items])
 
     async def _call_chain(self, group: CaptureGroup, model: DeploymentHandle) -> Group:
-        sent = _by_reference(group)  # held here until the chain answers, so the IQ stays put
         for attempt in range(self._args.retries + 1):
             try:
-                feats = self._pre.remote(sent)
+                feats = self._pre.remote(group)
                 out = model.remote(feats, self._alias, self._alias_version)
                 return await self._post.remote(out)
             except BackPressureError as exc:

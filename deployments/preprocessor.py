@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
-import ray
 from ray import serve
 
 from deployments.metrics import PreprocessorMetrics
@@ -35,7 +33,5 @@ class Preprocessor:
         return out
 
     async def __call__(self, group: CaptureGroup) -> Group:
-        if isinstance(group.iq, ray.ObjectRef):  # the Ingress sends the IQ by reference
-            group = dataclasses.replace(group, iq=await group.iq)
         with self._metrics.queued(group):
             return await self.featurize(group)

@@ -349,6 +349,8 @@ def _proc_name(pid: int) -> str:
         return name.rsplit(":", 1)[-1] if name.startswith("ServeReplica:") else name
     prog = Path(argv[0]).name
     if prog.startswith("python") and len(argv) > 1:
+        if "-c" in argv:
+            return f"{prog} -c"
         rest = [a for a in argv[1:] if a and not a.startswith("-")]
         return f"python {Path(rest[0]).name}" if rest else prog
     return prog
