@@ -347,6 +347,8 @@ def _proc_name(pid: int) -> str:
     if argv[0].startswith("ray::"):
         name = argv[0][5:].split()[0].split(".")[0]
         return name.rsplit(":", 1)[-1] if name.startswith("ServeReplica:") else name
+    if argv[0].startswith("ray-dashboard-"):  # renamed dashboard module subprocesses
+        return "ray-dashboard modules"
     prog = Path(argv[0]).name
     if prog.startswith("python") and len(argv) > 1:
         if "-c" in argv:

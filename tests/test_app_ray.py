@@ -151,6 +151,10 @@ def test_dynamic_batching_and_reconfigure(app_url, sample_requests):
     info = httpx.get(app_url + "/model/info", timeout=30).json()
     sizes = {int(k): v for k, v in info["batch_sizes"].items()}
     assert max(sizes) > 1, f"model only ever saw batches of {sizes}"
+    # The Ingress sent concurrent single-capture requests down the chain together.
+    chain = {int(k): v for k, v in info["chain_batch_sizes"].items()}
+    assert max(chain) > 1, f"every chain call carried one capture: {chain}"
+    assert sum(k * v for k, v in chain.items()) >= 96
 
     # A new user_config is applied by reconfigure() in the running replica.
     port = int(app_url.rsplit(":", 1)[1])
