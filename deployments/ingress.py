@@ -229,9 +229,9 @@ class Ingress:
                                           self._model.options(multiplexed_model_id=pinned))
         return await self._batcher.submit(Pending(captures, confidence))
 
-    # Concurrent requests cross the chain as one group: the cost of the three handle calls
-    # (most of a request's CPU, see docs/performance.md) is paid per batch, not per request.
-    # Their captures are stacked once, here, into the array the Preprocessor reads.
+    # Concurrent requests cross the chain as one group (self._batcher decides which): the
+    # three handle calls are paid per batch, not per request (docs/performance.md). Their
+    # captures are stacked once, here, into the array the Preprocessor reads.
     async def _chain_batch(self, items: list[Pending]) -> list[Group]:
         group = stack_captures([c for p in items for c in p.captures], len(self._network),
                                [x for p in items for x in p.confidence])

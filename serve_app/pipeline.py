@@ -22,7 +22,7 @@ from serve_app.uncertainty import ellipse_from_cov, geojson_feature_collection
 
 @dataclass
 class CaptureGroup:
-    """Decoded captures of one request, in network slot layout."""
+    """Decoded captures in network slot layout (one request's, or several stacked)."""
 
     iq: np.ndarray  # [k, R, S] complex64, zero rows for absent receivers
     present: np.ndarray  # [k, R] bool
