@@ -27,7 +27,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import orjson
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from faults import free_port  # noqa: E402
 from httpload import LoadResult, closed_loop, open_loop, run  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,13 +163,6 @@ def measure_l(w: Workload, core: InProcess, duration_s: float, n_latency: int) -
 
 
 # -- servers ----------------------------------------------------------------------------------
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     """Poll `url` until 200; fail early if the server process died."""
