@@ -240,18 +240,28 @@ class Ingress:
 
     async def _call_chain(self, group: CaptureGroup, model: DeploymentHandle) -> Group:
         for attempt in range(self._args.retries + 1):
+            calls = []
             try:
-                feats = self._pre.remote(group)
-                out = model.remote(feats, self._alias, self._alias_version)
-                return await self._post.remote(out)
+                # A try that outlives its deadline (a call stuck on a lost node until Ray
+                # notices, which can take tens of seconds) is cancelled and retried like a
+                # failed replica: without it, every request coalesced behind it would wait.
+                async with asyncio.timeout(self._args.chain_timeout_s):
+                    calls.append(self._pre.remote(group))
+                    calls.append(model.remote(calls[0], self._alias, self._alias_version))
+                    calls.append(self._post.remote(calls[1]))
+                    return await calls[2]
             except BackPressureError as exc:
                 raise Unavailable(f"overloaded: {exc}") from exc
-            except (*RETRYABLE, RayServeException) as exc:
-                if not _replica_failure(exc):
+            except (*RETRYABLE, RayServeException, TimeoutError) as exc:
+                if not (isinstance(exc, TimeoutError) or _replica_failure(exc)):
                     raise
+                for call in calls:
+                    call.cancel()
                 if attempt == self._args.retries:
                     raise Unavailable(f"replica failure after {attempt + 1} attempts") from exc
-                logger.warning("retrying after replica failure: %s", exc)
+                logger.warning("retrying after replica failure: %s",
+                               exc if not isinstance(exc, TimeoutError) else
+                               f"no answer within {self._args.chain_timeout_s} s")
                 await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 

@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -464,6 +465,56 @@ def kill_replica(url: str, deployment: str, bodies: list[bytes], *, app: str = "
     return summarize(f"{deployment} replica killed (ray.kill)", load, samples, recovery,
                      notes + f"; slowest answer across the kill {worst:.1f} s",
                      replaced_s=None if replaced is None else replaced - t_kill)
+
+
+def freeze_replica(base_cfg: dict, deployment: str = "Preprocessor", *, freeze_s: float = 12.0,
+                   clients: int = 2, rate_rps: float = 20.0, warm_s: float = 3.0,
+                   settle_s: float = 3.0) -> Row:
+    """One of two replicas of `deployment` stops answering (SIGSTOP) for `freeze_s`, under load.
+
+    A hung process, or one on a node that is gone but not yet declared dead, holds the calls
+    sent to it without failing them. Runs on a second app at /faultfreeze with two replicas of
+    `deployment`; expected: no request fails and none waits out the freeze (the Ingress's
+    per-try deadline, `chain_timeout_s`, retries them). `base_cfg` alone is deployed again at
+    the end.
+    """
+    port = int(base_cfg["http_options"]["port"])
+    url = f"http://127.0.0.1:{port}/faultfreeze"
+
+    def two(d: dict) -> None:
+        if d["name"] == deployment:
+            d["num_replicas"] = 2
+
+    try:
+        deploy(with_second_app(base_cfg, "faultfreeze", "/faultfreeze", {}, two))
+        wait_http(url + "/health", timeout_s=300)
+        deadline = time.monotonic() + 180
+        while len(names := replica_names("faultfreeze", deployment)) < 2 or not (
+                deployment_ready("faultfreeze", deployment)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"faultfreeze/{deployment}: 2 replicas did not come up")
+            time.sleep(0.5)
+        pid = replica_pid(names[0])
+        load = SteadyLoad(url, request_bodies(8, seed=43), clients=clients, rate_rps=rate_rps)
+        with load:
+            time.sleep(warm_s)
+            t_freeze = time.monotonic()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(freeze_s)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            time.sleep(settle_s)
+    finally:
+        deploy(base_cfg)
+    samples = load.samples
+    during = [s for s in samples if s.t_done >= t_freeze and s.t_sent <= t_freeze + freeze_s]
+    worst = max((s.latency_s for s in during if s.status == 200), default=float("nan"))
+    notes = (f"1 of 2 {deployment} replicas SIGSTOPped for {freeze_s:g} s; slowest answer "
+             f"across the freeze {worst:.1f} s")
+    return summarize(f"{deployment} replica hung (SIGSTOP)", load, samples, None, notes,
+                     freeze_s=freeze_s, slowest_s=worst)
 
 
 class RedisServer:

@@ -118,6 +118,7 @@ def phase_proxy(args: argparse.Namespace, errors: list[str]) -> dict:
         steps = [(f"kill {d}", lambda d=d: faults.kill_replica(url, d, bodies))
                  for d in ("LocalizationModel", "Preprocessor", "Postprocessor")]
         steps += [
+            ("hung Preprocessor", lambda: faults.freeze_replica(cfg, "Preprocessor")),
             ("redis", lambda: faults.redis_restart(cfg)),
             ("reload", lambda: faults.model_reload(url, registry, token, bodies)),
             ("registry", lambda: faults.registry_unreachable(cfg, token)),

@@ -65,7 +65,10 @@ class AppArgs(BaseModel):
     local_cache_items: int = Field(
         default=1024, ge=0, description="In-process LRU size when REDIS_URL is unset (0 = off).")
     retries: int = Field(default=2, ge=0, le=5, description="Retries of a failed replica call.")
-    request_timeout_s: float = Field(default=30.0, gt=0, description="End-to-end budget.")
+    chain_timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="Deadline of one try down the chain; a slower "
+        "try is cancelled and retried like a failed replica (keep (retries + 1) x this under "
+        "the proxy's request_timeout_s).")
 
     @model_validator(mode="after")
     def _paths_exist(self) -> AppArgs:

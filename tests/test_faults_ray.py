@@ -40,6 +40,18 @@ def test_replica_killed_under_load(app_url, bodies, deployment):
     assert faults.deployment_ready("rfloc", deployment)
 
 
+def test_hung_replica_holds_no_request_past_the_chain_deadline(app_url, base_cfg):
+    row = faults.freeze_replica(base_cfg, "Preprocessor", freeze_s=12.0)
+    _show(row)
+    assert row.sent > 100
+    assert row.failed == 0, row.codes
+    # Calls sent to the frozen replica are cancelled after chain_timeout_s (5 s) and retried
+    # on the other one; without that deadline they (and every request coalesced behind
+    # them) wait out the whole freeze.
+    timeout = base_cfg["applications"][0]["args"]["chain_timeout_s"]
+    assert row.extra["slowest_s"] < timeout + 3.0 < row.extra["freeze_s"]
+
+
 def test_redis_killed_and_restarted_under_load(app_url, base_cfg):
     row = faults.redis_restart(base_cfg)
     _show(row)
