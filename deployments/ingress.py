@@ -239,31 +239,45 @@ class Ingress:
         return split_group(out, [len(p) for p in items])
 
     async def _call_chain(self, group: CaptureGroup, model: DeploymentHandle) -> Group:
-        for attempt in range(self._args.retries + 1):
+        """Run the chain once, retrying failed replicas and tries that hang.
+
+        A try gets `chain_timeout_s`: one sent to a hung replica, or to a node that is gone
+        but not yet declared dead, is cancelled and sent again (Serve routes it to a live
+        replica if there is one), so it does not hold its requests, nor those coalesced
+        behind it, for as long as Ray takes to notice. Tries stop after `chain_budget_s`
+        (while Serve waits for a replacement replica, say) or `retries` replica failures,
+        with a 503.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._args.chain_budget_s
+        failures = 0
+        while True:
             calls = []
             try:
-                # A try that outlives its deadline (a call stuck on a lost node until Ray
-                # notices, which can take tens of seconds) is cancelled and retried like a
-                # failed replica: without it, every request coalesced behind it would wait.
-                async with asyncio.timeout(self._args.chain_timeout_s):
+                async with asyncio.timeout(min(self._args.chain_timeout_s,
+                                               deadline - loop.time())):
                     calls.append(self._pre.remote(group))
                     calls.append(model.remote(calls[0], self._alias, self._alias_version))
                     calls.append(self._post.remote(calls[1]))
                     return await calls[2]
             except BackPressureError as exc:
                 raise Unavailable(f"overloaded: {exc}") from exc
-            except (*RETRYABLE, RayServeException, TimeoutError) as exc:
-                if not (isinstance(exc, TimeoutError) or _replica_failure(exc)):
-                    raise
+            except TimeoutError as exc:
                 for call in calls:
                     call.cancel()
-                if attempt == self._args.retries:
-                    raise Unavailable(f"replica failure after {attempt + 1} attempts") from exc
-                logger.warning("retrying after replica failure: %s",
-                               exc if not isinstance(exc, TimeoutError) else
-                               f"no answer within {self._args.chain_timeout_s} s")
-                await asyncio.sleep(0.05 * (attempt + 1))
-        raise AssertionError("unreachable")
+                if loop.time() >= deadline - 0.01:
+                    raise Unavailable(f"no answer down the chain within "
+                                      f"{self._args.chain_budget_s:g} s") from exc
+                logger.warning("retrying a try with no answer within %g s",
+                               self._args.chain_timeout_s)
+            except (*RETRYABLE, RayServeException) as exc:
+                if not _replica_failure(exc):
+                    raise
+                failures += 1
+                if failures > self._args.retries:
+                    raise Unavailable(f"replica failure after {failures} attempts") from exc
+                logger.warning("retrying after replica failure: %s", exc)
+                await asyncio.sleep(0.05 * failures)
 
     def _response(self, result: dict, model: dict, timing: dict, cache_hit: bool,
                   t0: float) -> dict:

@@ -67,8 +67,10 @@ class AppArgs(BaseModel):
     retries: int = Field(default=2, ge=0, le=5, description="Retries of a failed replica call.")
     chain_timeout_s: float = Field(
         default=5.0, gt=0, le=60, description="Deadline of one try down the chain; a slower "
-        "try is cancelled and retried like a failed replica (keep (retries + 1) x this under "
-        "the proxy's request_timeout_s).")
+        "try is cancelled and sent again (to a live replica if Serve has one).")
+    chain_budget_s: float = Field(
+        default=20.0, gt=0, le=120, description="Time for all tries of one chain call, then "
+        "503; keep it under the proxy's request_timeout_s.")
 
     @model_validator(mode="after")
     def _paths_exist(self) -> AppArgs:
