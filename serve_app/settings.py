@@ -112,8 +112,9 @@ class IngressConfig(BaseModel):
         default=2, ge=1, le=16, description="Chain calls running at once. Requests arriving "
         "while calls run wait and leave together in the next call (no timer).")
     overlap_min_captures: int = Field(
-        default=16, ge=1, le=1024, description="Captures that must be waiting before a "
-        "call starts beside a running one; fewer wait for a running call to finish.")
+        default=16, ge=1, le=1024, description="Most captures that must be waiting before a "
+        "call starts beside a running one; under lighter load an even share of the captures "
+        "in the system (recent peak / max_batches_in_flight) is enough.")
 
     model_alias: str | None = Field(default=None, description="Override of args.model_alias.")
     poll_interval_s: float = Field(default=10.0, ge=0.5, description="Registry alias poll.")

@@ -67,27 +67,45 @@ def test_max_size_counts_item_sizes_and_a_large_item_runs_alone():
     asyncio.run(main())
 
 
-def test_a_second_call_overlaps_only_when_enough_is_waiting():
+def test_a_second_call_overlaps_once_an_even_share_is_waiting():
     async def main():
         chain = Chain()
         c = Coalescer(chain, max_size=64, max_in_flight=2, min_overlap=16, size=lambda x: x)
-        a = asyncio.create_task(c.submit(1))
+        a = asyncio.create_task(c.submit(30))
         await _settle()
-        small = asyncio.create_task(c.submit(3))
+        small = asyncio.create_task(c.submit(4))
         await _settle()
-        assert chain.calls == [[1]], "3 waiting captures are not worth a second call"
-        big = asyncio.create_task(c.submit(20))
+        assert c.overlap_threshold == 16, "34 in the system, half of it capped at min_overlap"
+        assert chain.calls == [[30]], "4 waiting captures are not worth a second call"
+        more = asyncio.create_task(c.submit(12))
         await _settle()
-        assert chain.calls == [[1], [3, 20]], "23 waiting captures start a second call"
-        third = asyncio.create_task(c.submit(30))
+        assert chain.calls == [[30], [4, 12]], "16 waiting captures start a second call"
+        third = asyncio.create_task(c.submit(40))
         await _settle()
         assert len(chain.calls) == 2, "never more than max_in_flight calls"
         for ev in chain.release[:2]:
             ev.set()
         await _settle()
-        assert chain.calls[2] == [30]
+        assert chain.calls[2] == [40]
         chain.release[2].set()
-        assert await asyncio.gather(a, small, big, third) == [10, 30, 200, 300]
+        assert await asyncio.gather(a, small, more, third) == [300, 40, 120, 400]
+
+    asyncio.run(main())
+
+
+def test_under_light_load_a_second_call_needs_only_half_of_what_is_in_flight():
+    async def main():
+        chain = Chain()
+        c = Coalescer(chain, max_size=64, max_in_flight=2, min_overlap=16, size=lambda x: x)
+        a = asyncio.create_task(c.submit(2))
+        await _settle()
+        b = asyncio.create_task(c.submit(2))
+        await _settle()
+        assert c.overlap_threshold == 2, "4 in the system: an even share of 2 calls is 2"
+        assert chain.calls == [[2], [2]], "the second request must not wait for the first"
+        for ev in chain.release:
+            ev.set()
+        assert await asyncio.gather(a, b) == [20, 20]
 
     asyncio.run(main())
 
