@@ -317,14 +317,17 @@ def with_second_app(base_cfg: dict, name: str, route_prefix: str, env_vars: dict
                     edit: Callable[[dict], None] | None = None) -> dict:
     """`base_cfg` plus a one-replica copy of its first app under `route_prefix`.
 
-    The copy gets `env_vars` in its runtime_env (its build task and replicas see them), tiny
-    CPU shares and no autoscaling, so it fits beside the first app on a small cluster.
+    The copy gets `env_vars` added to its runtime_env (its build task and replicas see
+    them), tiny CPU shares and no autoscaling, so it fits beside the first app on a small
+    cluster.
     """
     import copy
 
     cfg = copy.deepcopy(base_cfg)
     app = copy.deepcopy(cfg["applications"][0])
-    app.update(name=name, route_prefix=route_prefix, runtime_env={"env_vars": env_vars})
+    runtime_env = app.get("runtime_env", {})
+    app.update(name=name, route_prefix=route_prefix, runtime_env={
+        **runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), **env_vars}})
     for d in app["deployments"]:
         d["ray_actor_options"] = {"num_cpus": 0.01}
         d.pop("autoscaling_config", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -125,6 +126,27 @@ def test_read_endpoints(app_url):
     paths = {"/predict", "/predict/batch", "/health", "/receivers", "/model/info"}
     assert paths <= set(spec["paths"])
     assert httpx.get(app_url + "/docs", timeout=30).status_code == 200
+
+
+def test_replicas_run_with_the_configs_malloc_tuning(app_url):
+    """The app's runtime_env reaches every replica (docs/performance.md: malloc)."""
+    import ray
+    import yaml
+
+    from load import faults
+    from tests.conftest import SHIPPED_CONFIG
+
+    want = yaml.safe_load(SHIPPED_CONFIG.read_text())["applications"][0]["runtime_env"]
+    want = want["env_vars"]["GLIBC_TUNABLES"]
+    assert "glibc.malloc.mmap_threshold=" in want
+    for deployment in ("Ingress", "Preprocessor", "LocalizationModel", "Postprocessor"):
+        names = faults.replica_names("rfloc", deployment)
+        assert names, deployment
+        for name in names:
+            actor = ray.get_actor(name, namespace=faults.SERVE_NAMESPACE)
+            seen = ray.get(actor.__ray_call__.remote(
+                lambda self: os.environ.get("GLIBC_TUNABLES")), timeout=30)
+            assert seen == want, (deployment, seen)
 
 
 def test_admin_endpoint_needs_token(app_url, admin_headers):
