@@ -253,9 +253,10 @@ class Ingress:
         failures = 0
         while True:
             calls = []
+            deadline_of_try = asyncio.timeout(min(self._args.chain_timeout_s,
+                                                  deadline - loop.time()))
             try:
-                async with asyncio.timeout(min(self._args.chain_timeout_s,
-                                               deadline - loop.time())):
+                async with deadline_of_try:
                     calls.append(self._pre.remote(group))
                     calls.append(model.remote(calls[0], self._alias, self._alias_version))
                     calls.append(self._post.remote(calls[1]))
@@ -263,6 +264,8 @@ class Ingress:
             except BackPressureError as exc:
                 raise Unavailable(f"overloaded: {exc}") from exc
             except TimeoutError as exc:
+                if not deadline_of_try.expired():  # raised down the chain: not ours to retry
+                    raise
                 for call in calls:
                     call.cancel()
                 if loop.time() >= deadline - 0.01:
