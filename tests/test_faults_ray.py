@@ -41,15 +41,15 @@ def test_replica_killed_under_load(app_url, bodies, deployment):
 
 
 def test_hung_replica_holds_no_request_past_the_chain_deadline(app_url, base_cfg):
-    row = faults.freeze_replica(base_cfg, "Preprocessor", freeze_s=12.0)
+    row = faults.freeze_replica(base_cfg, "Preprocessor", freeze_s=15.0)
     _show(row)
     assert row.sent > 100
     assert row.failed == 0, row.codes
     # Calls sent to the frozen replica are cancelled after chain_timeout_s (5 s) and retried
-    # on the other one; without that deadline they (and every request coalesced behind
-    # them) wait out the whole freeze.
+    # on the other one (allowing for one retry routed to the frozen replica again); without
+    # that deadline they, and every request coalesced behind them, wait out the freeze.
     timeout = base_cfg["applications"][0]["args"]["chain_timeout_s"]
-    assert row.extra["slowest_s"] < timeout + 3.0 < row.extra["freeze_s"]
+    assert row.extra["slowest_s"] < 2 * timeout + 2.0 < row.extra["freeze_s"]
 
 
 def test_redis_killed_and_restarted_under_load(app_url, base_cfg):
