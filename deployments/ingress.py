@@ -253,8 +253,8 @@ class Ingress:
         failures = 0
         while True:
             calls = []
-            deadline_of_try = asyncio.timeout(min(self._args.chain_timeout_s,
-                                                  deadline - loop.time()))
+            until = min(loop.time() + self._args.chain_timeout_s, deadline)
+            deadline_of_try = asyncio.timeout_at(until)
             try:
                 async with deadline_of_try:
                     calls.append(self._pre.remote(group))
@@ -268,7 +268,7 @@ class Ingress:
                     raise
                 for call in calls:
                     call.cancel()
-                if loop.time() >= deadline - 0.01:
+                if until >= deadline:
                     raise Unavailable(f"no answer down the chain within "
                                       f"{self._args.chain_budget_s:g} s") from exc
                 logger.warning("retrying a try with no answer within %g s",
