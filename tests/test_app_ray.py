@@ -131,13 +131,11 @@ def test_read_endpoints(app_url):
 def test_replicas_run_with_the_configs_malloc_tuning(app_url):
     """The app's runtime_env reaches every replica (docs/performance.md: malloc)."""
     import ray
-    import yaml
 
     from load import faults
-    from tests.conftest import SHIPPED_CONFIG
 
-    want = yaml.safe_load(SHIPPED_CONFIG.read_text())["applications"][0]["runtime_env"]
-    want = want["env_vars"]["GLIBC_TUNABLES"]
+    app = shipped_config(int(app_url.rsplit(":", 1)[1]))["applications"][0]
+    want = app["runtime_env"]["env_vars"]["GLIBC_TUNABLES"]
     assert "glibc.malloc.mmap_threshold=" in want
     for deployment in ("Ingress", "Preprocessor", "LocalizationModel", "Postprocessor"):
         names = faults.replica_names("rfloc", deployment)
