@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 import orjson
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from serve_app.constants import (
@@ -171,11 +172,17 @@ def decode_raw_body(body: bytes | str, *, max_body_bytes: int | None = None) -> 
 
 
 def parse_json(body: bytes | str, *, max_body_bytes: int | None = None) -> Any:
-    """Parse a JSON body with orjson; malformed JSON → `InvalidInput('body', …, 400)`."""
+    """Parse a JSON body; malformed JSON → `InvalidInput('body', …, 400)`.
+
+    pydantic's parser (jiter): on an 11 MB body of 32 captures' base64 strings it takes
+    3.5 ms where orjson takes 8.5 and the standard library 5 (docs/performance.md).
+    NaN and Infinity literals are refused, as JSON says; numbers too large for a double
+    parse as inf, which the field validators refuse.
+    """
     _check_size(body, max_body_bytes)
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        return pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
         raise InvalidInput("body", f"malformed JSON: {exc}", 400) from None
 
 

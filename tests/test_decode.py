@@ -391,6 +391,27 @@ def test_malformed_json_is_400_on_body(body: bytes) -> None:
         assert (exc.value.field, exc.value.status_code) == ("body", 400)
 
 
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_json_number_literals_are_400_on_body(valid_requests: dict[str, Any],
+                                                  literal: bytes) -> None:
+    body = orjson.dumps({"captures": [valid_requests["b64"]]})
+    body = body[:-3] + b', "confidence_level": ' + literal + b"}]}"
+    with pytest.raises(InvalidInput) as exc:
+        decode_raw_batch(body)
+    assert (exc.value.field, exc.value.status_code) == ("body", 400)
+
+
+@pytest.mark.parametrize(("field", "number"), [("confidence_level", b"1e999"),
+                                               ("sample_rate_hz", b"-1e400")])
+def test_numbers_beyond_a_double_are_refused_on_their_field(
+        valid_requests: dict[str, Any], field: str, number: bytes) -> None:
+    body = orjson.dumps({"captures": [valid_requests["b64"]]})
+    body = body[:-3] + b', "' + field.encode() + b'": ' + number + b"}]}"
+    [item] = decode_raw_batch(body)
+    assert isinstance(item, InvalidInput)
+    assert (item.field, item.status_code) == (f"captures[0].{field}", 422)
+
+
 @pytest.mark.parametrize("body", [b"[]", b"42", b'"x"', b"null", b"{}"])
 def test_wrong_top_level_is_422(network: ReceiverNetwork, body: bytes) -> None:
     with pytest.raises(InvalidInput) as exc:
