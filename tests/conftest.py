@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from load.faults import deploy as deploy_config  # a config dict, as `serve deploy` does
 from load.faults import free_port, wait_http  # noqa: F401 - shared with the tests
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,16 +79,6 @@ def shipped_config(port: int) -> dict:
     cfg = yaml.safe_load(SHIPPED_CONFIG.read_text())
     cfg["http_options"]["port"] = port
     return cfg
-
-
-def deploy_config(cfg: dict) -> None:
-    """Deploy a serve config dict the way `serve run CONFIG` does."""
-    from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
-
-    client = serve_start(http_options=cfg["http_options"],
-                         proxy_location=cfg.get("proxy_location"))
-    client.deploy_apps(ServeDeploySchema.model_validate(cfg))
 
 
 @pytest.fixture(scope="session")

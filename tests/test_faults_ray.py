@@ -27,7 +27,8 @@ def base_cfg(app_url) -> dict:
 
 def _show(row: faults.Row) -> None:
     print(f"\n{row.fault}: {row.load}; sent {row.sent}, failed {row.failed} {row.codes}, "
-          f"recovery {row.recovery_s} s; {row.notes}")
+          f"recovery {row.recovery_s} s, p50 / p99 / max {row.p50_ms:.0f} / {row.p99_ms:.0f} / "
+          f"{row.max_ms:.0f} ms; {row.notes}")
 
 
 @pytest.mark.parametrize("deployment", ["LocalizationModel", "Preprocessor", "Postprocessor"])
