@@ -391,11 +391,17 @@ def test_malformed_json_is_400_on_body(body: bytes) -> None:
         assert (exc.value.field, exc.value.status_code) == ("body", 400)
 
 
+def _batch_body_with(capture: dict[str, Any], field: str, raw: bytes) -> bytes:
+    """A one-capture batch body whose capture ends with `"field": raw` (raw JSON text)."""
+    body = orjson.dumps({"captures": [capture]})
+    assert body.endswith(b"}]}")
+    return body[:-3] + b', "' + field.encode() + b'": ' + raw + b"}]}"
+
+
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
 def test_non_json_number_literals_are_400_on_body(valid_requests: dict[str, Any],
                                                   literal: bytes) -> None:
-    body = orjson.dumps({"captures": [valid_requests["b64"]]})
-    body = body[:-3] + b', "confidence_level": ' + literal + b"}]}"
+    body = _batch_body_with(valid_requests["b64"], "confidence_level", literal)
     with pytest.raises(InvalidInput) as exc:
         decode_raw_batch(body)
     assert (exc.value.field, exc.value.status_code) == ("body", 400)
@@ -405,9 +411,7 @@ def test_non_json_number_literals_are_400_on_body(valid_requests: dict[str, Any]
                                                ("sample_rate_hz", b"-1e400")])
 def test_numbers_beyond_a_double_are_refused_on_their_field(
         valid_requests: dict[str, Any], field: str, number: bytes) -> None:
-    body = orjson.dumps({"captures": [valid_requests["b64"]]})
-    body = body[:-3] + b', "' + field.encode() + b'": ' + number + b"}]}"
-    [item] = decode_raw_batch(body)
+    [item] = decode_raw_batch(_batch_body_with(valid_requests["b64"], field, number))
     assert isinstance(item, InvalidInput)
     assert (item.field, item.status_code) == (f"captures[0].{field}", 422)
 
