@@ -31,12 +31,18 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _submitted(c: Coalescer, x: int) -> asyncio.Task:
+    """`x` submitted in its own task, after the batcher has reacted to it."""
+    task = asyncio.create_task(c.submit(x))
+    await _settle()
+    return task
+
+
 def test_idle_call_starts_at_once_and_waiters_leave_together():
     async def main():
         chain = Chain()
         c = Coalescer(chain, max_size=64, max_in_flight=1)
-        first = asyncio.create_task(c.submit(1))
-        await _settle()
+        first = await _submitted(c, 1)
         assert chain.calls == [[1]], "an idle batcher must not wait for company"
         rest = [asyncio.create_task(c.submit(x)) for x in (2, 3, 4)]
         await _settle()
@@ -67,21 +73,22 @@ def test_max_size_counts_item_sizes_and_a_large_item_runs_alone():
     asyncio.run(main())
 
 
+def _two_in_flight(chain: Chain) -> Coalescer:
+    """The shipped Ingress's batcher: 64 captures a call, 2 calls, overlap capped at 16."""
+    return Coalescer(chain, max_size=64, max_in_flight=2, min_overlap=16, size=lambda x: x)
+
+
 def test_a_second_call_overlaps_once_an_even_share_is_waiting():
     async def main():
         chain = Chain()
-        c = Coalescer(chain, max_size=64, max_in_flight=2, min_overlap=16, size=lambda x: x)
-        a = asyncio.create_task(c.submit(30))
-        await _settle()
-        small = asyncio.create_task(c.submit(4))
-        await _settle()
+        c = _two_in_flight(chain)
+        a = await _submitted(c, 30)
+        small = await _submitted(c, 4)
         assert c.overlap_threshold == 16, "34 in the system, half of it capped at min_overlap"
         assert chain.calls == [[30]], "4 waiting captures are not worth a second call"
-        more = asyncio.create_task(c.submit(12))
-        await _settle()
+        more = await _submitted(c, 12)
         assert chain.calls == [[30], [4, 12]], "16 waiting captures start a second call"
-        third = asyncio.create_task(c.submit(40))
-        await _settle()
+        third = await _submitted(c, 40)
         assert len(chain.calls) == 2, "never more than max_in_flight calls"
         for ev in chain.release[:2]:
             ev.set()
@@ -96,11 +103,9 @@ def test_a_second_call_overlaps_once_an_even_share_is_waiting():
 def test_under_light_load_a_second_call_needs_only_half_of_what_is_in_flight():
     async def main():
         chain = Chain()
-        c = Coalescer(chain, max_size=64, max_in_flight=2, min_overlap=16, size=lambda x: x)
-        a = asyncio.create_task(c.submit(2))
-        await _settle()
-        b = asyncio.create_task(c.submit(2))
-        await _settle()
+        c = _two_in_flight(chain)
+        a = await _submitted(c, 2)
+        b = await _submitted(c, 2)
         assert c.overlap_threshold == 2, "4 in the system: an even share of 2 calls is 2"
         assert chain.calls == [[2], [2]], "the second request must not wait for the first"
         for ev in chain.release:
@@ -114,8 +119,7 @@ def test_an_error_fails_its_batch_only_and_the_batcher_goes_on():
     async def main():
         chain = Chain()
         c = Coalescer(chain, max_size=64, max_in_flight=1)
-        first = asyncio.create_task(c.submit(1))
-        await _settle()
+        first = await _submitted(c, 1)
         bad = [asyncio.create_task(c.submit(x)) for x in (-1, 2)]
         await _settle()
         chain.release[0].set()
@@ -125,8 +129,7 @@ def test_an_error_fails_its_batch_only_and_the_batcher_goes_on():
             with pytest.raises(ValueError, match="bad batch"):
                 await t
         assert await first == 10
-        later = asyncio.create_task(c.submit(5))
-        await _settle()
+        later = await _submitted(c, 5)
         chain.release[2].set()
         assert await later == 50
 
@@ -137,8 +140,7 @@ def test_a_cancelled_waiter_is_dropped_before_its_batch_runs():
     async def main():
         chain = Chain()
         c = Coalescer(chain, max_size=64, max_in_flight=1)
-        first = asyncio.create_task(c.submit(1))
-        await _settle()
+        first = await _submitted(c, 1)
         gone, kept = asyncio.create_task(c.submit(2)), asyncio.create_task(c.submit(3))
         await _settle()
         gone.cancel()
