@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# Exactly the locked set (serving + dev + train: the training tests run too).
+python -m pip install --quiet --disable-pip-version-check -r requirements.lock -e .
 
 # Debian packages used by the marked integration tests (Prometheus server, headless Chromium).
 need=()
