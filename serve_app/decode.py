@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import ValidationError
 
 from serve_app.constants import (
     CENTER_FREQ_HZ,
@@ -30,7 +30,6 @@ from serve_app.receivers import ReceiverNetwork
 from serve_app.schemas import (
     FIELD_ERROR_TYPE,
     MAX_BATCH_CAPTURES,
-    MAX_RECEIVER_ID_LEN,
     MAX_RECEIVERS,
     CaptureRequest,
     ReceiverCapture,
@@ -48,20 +47,6 @@ CANONICAL_TAG = b"rfloc.capture.v1\x00"
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DTYPE_ITEMSIZE = {"complex64": 8, "int16": 4}
-_CAPTURE_KEYS = frozenset(CaptureRequest.model_fields)
-_RECEIVER_KEYS = frozenset(ReceiverCapture.model_fields)
-
-# The scalar fields of CaptureRequest (everything but `receivers`), with the same
-# constraints; the raw-dict path validates these with pydantic and the receivers by hand.
-_CaptureOptions: type[BaseModel] = create_model(  # type: ignore[call-overload]
-    "_CaptureOptions",
-    __config__=ConfigDict(extra="forbid"),
-    **{
-        name: (info.annotation, info)
-        for name, info in CaptureRequest.model_fields.items()
-        if name != "receivers"
-    },
-)
 
 # (receiver id, iq pairs or None, iq_b64 or None, dtype)
 _RawReceiver = tuple[str, Any, str | None, str]
@@ -102,9 +87,31 @@ def loc_to_field(loc: Sequence[int | str], prefix: str = "") -> str:
     return out or "body"
 
 
+# Where each field stands in the request models: errors are ranked by it (below).
+_FIELD_RANK = {
+    name: rank
+    for rank, name in enumerate([*CaptureRequest.model_fields, *ReceiverCapture.model_fields])
+}
+
+
+def _error_rank(err: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Sort key of a pydantic error: unknown keys first, then fields in declaration order.
+
+    pydantic's own order of several errors has changed between releases; the reported
+    field must not. An unknown key comes first since it usually explains the rest (a
+    misspelt ``reciever`` is also a missing ``receivers``).
+    """
+    unknown = len(_FIELD_RANK)
+    parts = tuple(
+        (0, part, "") if isinstance(part, int) else (1, _FIELD_RANK.get(part, unknown), part)
+        for part in err["loc"]
+    )
+    return (err["type"] != "extra_forbidden", parts)
+
+
 def validation_error_to_invalid(exc: ValidationError, prefix: str = "") -> InvalidInput:
-    """The `InvalidInput` describing the first error of a pydantic `ValidationError`."""
-    errors = exc.errors(include_url=False, include_input=False)
+    """The `InvalidInput` describing the first error (by `_error_rank`) of a `ValidationError`."""
+    errors = sorted(exc.errors(include_url=False, include_input=False), key=_error_rank)
     if not errors:  # pragma: no cover - pydantic never raises an empty error list
         return InvalidInput(prefix or "body", "invalid request")
     err = errors[0]
@@ -228,67 +235,9 @@ def decode_raw_batch(
     return out
 
 
-def _unpack_model(req: CaptureRequest) -> tuple[list[_RawReceiver], float, float, float]:
+def _unpack(req: CaptureRequest) -> tuple[list[_RawReceiver], float, float, float]:
     receivers: list[_RawReceiver] = [(r.id, r.iq, r.iq_b64, r.dtype) for r in req.receivers]
     return receivers, req.sample_rate_hz, req.center_freq_hz, req.confidence_level
-
-
-def _unpack_raw(obj: Any) -> tuple[list[_RawReceiver], float, float, float]:
-    """Validate a raw (parsed JSON) capture without building pydantic models for the IQ."""
-    if not isinstance(obj, Mapping):
-        raise InvalidInput("body", "expected a JSON object")
-    for key in obj:
-        if key not in _CAPTURE_KEYS:
-            raise InvalidInput(loc_to_field([str(key)]), "Extra inputs are not permitted")
-    try:
-        options: Any = _CaptureOptions.model_validate(
-            {k: v for k, v in obj.items() if k != "receivers"}
-        )
-    except ValidationError as exc:
-        raise validation_error_to_invalid(exc) from None
-    if "receivers" not in obj:
-        raise InvalidInput("receivers", "Field required")
-    raw = obj["receivers"]
-    if not isinstance(raw, list):
-        raise InvalidInput("receivers", "must be a list of receiver captures")
-    if not 1 <= len(raw) <= MAX_RECEIVERS:
-        raise InvalidInput("receivers", f"must hold 1 to {MAX_RECEIVERS} receivers, got {len(raw)}")
-    receivers: list[_RawReceiver] = []
-    for i, r in enumerate(raw):
-        where = f"receivers[{i}]"
-        if not isinstance(r, Mapping):
-            raise InvalidInput(where, "must be an object with 'id' and 'iq' or 'iq_b64'")
-        for key in r:
-            if key not in _RECEIVER_KEYS:
-                raise InvalidInput(
-                    loc_to_field([str(key)], where), "Extra inputs are not permitted"
-                )
-        rid = r.get("id")
-        if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_RECEIVER_ID_LEN:
-            raise InvalidInput(
-                f"{where}.id", f"must be a string of 1 to {MAX_RECEIVER_ID_LEN} characters"
-            )
-        dtype = r.get("dtype", "complex64")
-        if not isinstance(dtype, str) or dtype not in _DTYPE_ITEMSIZE:
-            raise InvalidInput(f"{where}.dtype", "must be 'complex64' or 'int16'")
-        iq, b64 = r.get("iq"), r.get("iq_b64")
-        if iq is not None and b64 is not None:
-            raise InvalidInput(f"{where}.iq_b64", "give exactly one of 'iq' or 'iq_b64', not both")
-        if iq is None and b64 is None:
-            raise InvalidInput(f"{where}.iq", "one of 'iq' or 'iq_b64' is required")
-        if b64 is not None and not isinstance(b64, str):
-            raise InvalidInput(f"{where}.iq_b64", "must be a base64 string")
-        if iq is not None and dtype == "int16":
-            raise InvalidInput(
-                f"{where}.dtype", "dtype applies to 'iq_b64' only; 'iq' pairs are floats"
-            )
-        receivers.append((rid, iq, b64, dtype))
-    return (
-        receivers,
-        options.sample_rate_hz,
-        options.center_freq_hz,
-        options.confidence_level,
-    )
 
 
 def _check_receivers(receivers: list[_RawReceiver], network: ReceiverNetwork) -> np.ndarray:
@@ -422,10 +371,9 @@ def decode_capture(
     max_abs: float = 1e6,
 ) -> DecodedCapture:
     """Validate a capture (a `CaptureRequest` or its parsed-JSON dict) and decode its IQ."""
-    if isinstance(req, CaptureRequest):
-        receivers, rate_hz, freq_hz, confidence = _unpack_model(req)
-    else:
-        receivers, rate_hz, freq_hz, confidence = _unpack_raw(req)
+    if not isinstance(req, CaptureRequest):
+        req = validate_capture(req)
+    receivers, rate_hz, freq_hz, confidence = _unpack(req)
     slots = _check_receivers(receivers, network)
     _check_scalars(rate_hz, freq_hz, confidence, network, sample_rate_hz)
     iq = np.empty((len(receivers), n_samples), np.complex64)

@@ -695,6 +695,29 @@ def test_odd_extra_keys_are_quoted(network: ReceiverNetwork) -> None:
         assert raw_exc.value.field == body_exc.value.field == f'["{key}"]'
 
 
+def test_reported_field_does_not_depend_on_pydantics_error_order() -> None:
+    from pydantic import ValidationError
+
+    from serve_app.decode import validation_error_to_invalid
+
+    line_errors = [
+        {"type": "missing", "loc": ("receivers",), "input": {}},
+        {"type": "less_than", "loc": ("confidence_level",), "input": 2, "ctx": {"lt": 1.0}},
+        {"type": "extra_forbidden", "loc": ("reciever",), "input": 1},
+        {"type": "missing", "loc": ("receivers", 1, "id"), "input": {}},
+    ]
+    fields = set()
+    for errors in (line_errors, line_errors[::-1], line_errors[1:], line_errors[:2][::-1]):
+        exc = ValidationError.from_exception_data("CaptureRequest", errors)
+        fields.add((len(errors), validation_error_to_invalid(exc).field))
+    # An unknown key first; then fields in declaration order, whatever order pydantic used.
+    assert fields == {(4, "reciever"), (3, "reciever"), (2, "receivers")}
+    for body in (b'{"reciever": [], "confidence_level": 2}', b'{"confidence_level": 2}'):
+        with pytest.raises(InvalidInput) as exc_info:
+            decode_raw_body(body)
+        assert exc_info.value.field == ("reciever" if b"reciever" in body else "receivers")
+
+
 def test_batch_item_errors_are_prefixed_once() -> None:
     from serve_app.errors import batch_item_error, error_body
 
