@@ -26,6 +26,11 @@ LOOPBACK_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(64 * 1024 * 1024),
 }
+# Only for the single machine of `rfloc serve`, not a cluster behind a load balancer: a
+# stopping direct-ingress replica stays open this long for an external balancer to
+# deregister it (Ray's default 30 s made Ctrl-C take 35 s). Here the only balancer is the
+# node's own HAProxy, which Serve reconfigures at once and which retries refused connections.
+SINGLE_NODE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 
 
 def _registry(model_name: str):
@@ -67,7 +72,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         config_path = Path(tmp.name)
     # A fresh local Ray instance, even when another cluster runs on this machine (set
     # RAY_ADDRESS to attach to one on purpose; `serve deploy` is the way onto a cluster).
-    env_vars = {**LOOPBACK_ENV, "RAY_ADDRESS": "local", **os.environ}
+    env_vars = {**LOOPBACK_ENV, **SINGLE_NODE_ENV, "RAY_ADDRESS": "local", **os.environ}
     port = cfg.get("http_options", {}).get("port", 8000)
     print(f"starting Ray Serve: http://127.0.0.1:{port}/docs  (Ctrl-C stops)", flush=True)
     # `serve run` shuts Serve and the local Ray instance it started down on SIGINT; turn
