@@ -24,14 +24,14 @@ RUN apt-get update \
     && install -d -o rfloc -g rfloc /home/rfloc/.rfloc
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY serve_app/ serve_app/
 COPY deployments/ deployments/
 COPY configs/ configs/
 COPY models/ models/
 # Editable on purpose: the app finds configs/ and models/ beside its package (REPO_ROOT), so
 # the code stays in /app (root-owned, read-only to the service user) instead of site-packages.
-RUN pip install -e . "ray[serve,data]==${RAY_VERSION}"
+RUN pip install -c requirements.lock -e . "ray[serve,data]==${RAY_VERSION}"
 
 USER 1000:1000
 # RFLOC_HTTP_HOST: `rfloc serve` listens on all interfaces of the container (the shipped

@@ -97,8 +97,8 @@ def copy_sources() -> list[str]:
 
 
 def readme_run_command() -> str:
-    """The command of Quickstart step 1 of the README (after `pip install -e . &&`)."""
-    m = re.search(r"^pip install -e \. && (.+?)\s+# 1\.", (REPO / "README.md").read_text(),
+    """The command of Quickstart step 1 of the README (after the locked install)."""
+    m = re.search(r"^pip install -c requirements\.lock -e \. && (.+?)\s+# 1\.", (REPO / "README.md").read_text(),
                   re.MULTILINE)
     assert m, "README quickstart step 1 not found"
     return m.group(1).strip()
@@ -127,7 +127,7 @@ def test_image_installs_editable_so_the_app_finds_configs_and_models():
     # REPO_ROOT is the folder above serve_app/: a wheel install would look for configs/ and
     # models/ in site-packages, where they are not.
     [install] = [a for a in instructions("RUN") if "pip install" in a]
-    assert re.search(r"pip install -e \.(\s|$)", install), install
+    assert re.search(r"pip install -c requirements\.lock -e \.(\s|$)", install), install
     workdir = instructions("WORKDIR")[-1]
     for src, dst in (shlex.split(a)[-2:] for a in instructions("COPY")):
         assert not dst.startswith("/") or dst.startswith(workdir), (src, dst)
