@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.schemas import ModelRef, Uncertainty
+from serve_app.settings import redact_url
 
 try:
     import orjson
@@ -125,14 +126,7 @@ def validate_prediction(value: dict, identity: Identity | None = None) -> None:
             )
 
 
-def _safe_url(url: str) -> str:
-    """The URL without credentials, for log messages."""
-    try:
-        parts = urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparsable url>"
-    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+_safe_url = redact_url
 
 
 class CircuitBreaker:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -21,6 +22,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models"
 # An admin token shorter than this is refused at startup (`openssl rand -hex 32` gives 64).
 MIN_ADMIN_TOKEN_CHARS = 24
+
+
+def redact_url(url: str) -> str:
+    """The URL without user and password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable url>"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
 class EnvSettings(BaseSettings):
