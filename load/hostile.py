@@ -209,6 +209,53 @@ def raw_class(result: dict, ok: set[int], field_prefix: str = "body") -> InputCl
     return res
 
 
+def large_upload_body(good: dict, iq_b64_chars: int = 45_000_000,
+                      total_bytes: int = 60_000_000) -> bytes:
+    """A capture whose first receiver's iq_b64 is `iq_b64_chars` long, padded with JSON
+    whitespace to `total_bytes`: the upload of the memory finding in docs/reliability.md."""
+    rx = [{**good["receivers"][0], "iq_b64": "A" * iq_b64_chars}, *good["receivers"][1:]]
+    body = orjson.dumps({**good, "receivers": rx})
+    return body[:-1] + b" " * max(0, total_bytes - len(body)) + b"}"
+
+
+def concurrent_uploads(url: str, body: bytes, clients: int, pid: int,
+                       path: str = "/predict", settle_s: float = 5.0) -> dict:
+    """`clients` POSTs of `body` at once; statuses and the RSS (MiB) of process `pid`
+    before, at its peak (sampled every 20 ms) and `settle_s` after the last answer."""
+    from load.faults import rss_mb
+
+    check_target(url)
+    statuses: Counter = Counter()
+    lock = threading.Lock()
+    start = threading.Barrier(clients)
+
+    def post() -> None:
+        with httpx.Client(base_url=url, timeout=300) as c:
+            start.wait()
+            try:
+                status = c.post(path, content=body,
+                                headers={"content-type": "application/json"}).status_code
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+        with lock:
+            statuses[status] += 1
+
+    before = rss_mb(pid)
+    peak = before
+    threads = [threading.Thread(target=post, daemon=True) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, rss_mb(pid))
+        time.sleep(0.02)
+    seconds = time.perf_counter() - t0
+    time.sleep(settle_s)
+    return {"clients": clients, "body_bytes": len(body), "statuses": dict(statuses),
+            "seconds": seconds, "rss_before_mb": before, "rss_peak_mb": peak,
+            "rss_after_mb": rss_mb(pid)}
+
+
 # -- schemathesis ------------------------------------------------------------------------------
 
 
