@@ -138,6 +138,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
     """Localize every capture of an NPZ file on Ray Data; write predictions with GeoJSON."""
     for key, value in LOOPBACK_ENV.items():  # before Ray is imported, which reads them
         os.environ.setdefault(key, value)
+    private_ray_token(os.environ)  # Ray would write a missing one readable by all
     from serve_app.batch import run_batch
 
     summary = run_batch(a.input, a.output, batch_size=a.batch_size, max_actors=a.max_actors,
