@@ -65,6 +65,29 @@ def refused(host: str, port: int) -> bool:
         return True
 
 
+def haproxy_config(root: int) -> Path:
+    """The config file of a running HAProxy of the process tree (a reload replaces it)."""
+    for pid in sorted(_children({root})):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "haproxy":
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                return Path(argv[argv.index(b"-f") + 1].decode())
+    raise AssertionError("no HAProxy process under rfloc serve")
+
+
+def unauthenticated_call(host: str, port: int) -> str:
+    """The status of a replica gRPC call that carries no Ray token."""
+    import grpc
+
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest")
+        try:
+            call(b"", timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return "OK"
+
+
 def test_rfloc_serve_listens_on_loopback_only(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RFLOC_", "REDIS_URL", "MLFLOW_", "RAY_ADDRESS", "RAY_AUTH",
@@ -103,13 +126,13 @@ def test_rfloc_serve_listens_on_loopback_only(tmp_path):
         if ext is not None:  # from outside: nothing but the replicas' gRPC ports answers
             for port in (HTTP_PORT, DEFAULT_STATS_PORT, DEFAULT_METRICS_PORT, 8265):
                 assert refused(ext, port), f"{ext}:{port} answers"
+        # Those answer, but not without the cluster's token.
+        for _, port, _, _ in exposed:
+            assert unauthenticated_call(ext or "127.0.0.1", port) == "UNAUTHENTICATED", port
         # Ray's token: private to the user.
         assert stat.S_IMODE(token.stat().st_mode) == 0o600
         # HAProxy's config and admin socket (mode 666, level admin) sit in a 0700 directory.
-        haproxy = [pid for pid, name in names.items() if name == "haproxy"]
-        assert haproxy, names
-        cmdline = Path(f"/proc/{haproxy[0]}/cmdline").read_bytes().split(b"\0")
-        config = Path(cmdline[cmdline.index(b"-f") + 1].decode())
+        config = haproxy_config(proc.pid)
         runtime = config.parent.parent  # Ray adds a per-node directory
         assert stat.S_IMODE(runtime.stat().st_mode) == 0o700, runtime
         assert not str(config).startswith("/tmp/haproxy-serve/")
