@@ -77,8 +77,9 @@ METRICS: dict[str, MetricSpec] = {
     "rfloc_cache_events": MetricSpec(
         "counter",
         ("event", "backend"),
-        "Prediction cache outcomes: hit, miss, error (failed get/set/decode), skipped "
-        "(circuit breaker open).",
+        "Prediction cache outcomes: hit, miss, error (failed get/set), skipped "
+        "(circuit breaker open), invalid (an entry that is not a cached prediction of the "
+        "serving model: a miss, deleted).",
     ),
     "rfloc_model_version_info": MetricSpec(
         "gauge",
@@ -177,7 +178,8 @@ class IngressMetrics:
         if cache is None:
             return
         health = cache.health()
-        events = {"hit": "hits", "miss": "misses", "error": "errors", "skipped": "skipped"}
+        events = {"hit": "hits", "miss": "misses", "error": "errors", "skipped": "skipped",
+                  "invalid": "invalid"}
         with self._cache_lock:
             for event, key in events.items():
                 now = health["stats"].get(key, 0)

@@ -135,9 +135,13 @@ def oversize_bodies(good: dict) -> list[tuple[str, str, bytes, set[int], str]]:
          capture([_rx(i, N_SAMPLES + 1) for i in ids]), {422}, "receivers[0].iq"),
         ("samples per receiver: 1,000,000 [I, Q] pairs x 3", "/predict",
          capture([_rx(i, 1_000_000) for i in ids]), {413}, "body"),
-        ("samples per receiver: 2,000,000 in iq_b64 (21 MB)", "/predict",
-         capture([_rx(i, 2_000_000 if i == "torino" else N_SAMPLES, "b64") for i in ids]),
+        ("samples per receiver: 1,000,000 in iq_b64 (11 MB)", "/predict",
+         capture([_rx(i, 1_000_000 if i == "torino" else N_SAMPLES, "b64") for i in ids]),
          {422}, "receivers[0].iq_b64"),
+        ("samples per receiver: 2,000,000 in iq_b64 (21 MB, over the 16 MiB /predict body "
+         "limit)", "/predict",
+         capture([_rx(i, 2_000_000 if i == "torino" else N_SAMPLES, "b64") for i in ids]),
+         {413}, "body"),
         ("captures per batch: 65 (limit 64)", "/predict/batch",
          orjson.dumps({"captures": [good] * (MAX_BATCH_CAPTURES + 1)}), {413, 422}, "captures"),
         ("captures per batch: 1,000,000 empty", "/predict/batch",
@@ -203,6 +207,53 @@ def raw_class(result: dict, ok: set[int], field_prefix: str = "body") -> InputCl
     res.server_errors = int(result["status"] >= 500)
     res.detail = f"{result['sent_bytes']} bytes sent before the answer"
     return res
+
+
+def large_upload_body(good: dict, iq_b64_chars: int = 45_000_000,
+                      total_bytes: int = 60_000_000) -> bytes:
+    """A capture whose first receiver's iq_b64 is `iq_b64_chars` long, padded with JSON
+    whitespace to `total_bytes`: the upload of the memory finding in docs/reliability.md."""
+    rx = [{**good["receivers"][0], "iq_b64": "A" * iq_b64_chars}, *good["receivers"][1:]]
+    body = orjson.dumps({**good, "receivers": rx})
+    return body[:-1] + b" " * max(0, total_bytes - len(body)) + b"}"
+
+
+def concurrent_uploads(url: str, body: bytes, clients: int, pid: int,
+                       path: str = "/predict", settle_s: float = 5.0) -> dict:
+    """`clients` POSTs of `body` at once; statuses and the RSS (MiB) of process `pid`
+    before, at its peak (sampled every 20 ms) and `settle_s` after the last answer."""
+    from load.faults import rss_mb
+
+    check_target(url)
+    statuses: Counter = Counter()
+    lock = threading.Lock()
+    start = threading.Barrier(clients)
+
+    def post() -> None:
+        with httpx.Client(base_url=url, timeout=300) as c:
+            start.wait()
+            try:
+                status = c.post(path, content=body,
+                                headers={"content-type": "application/json"}).status_code
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+        with lock:
+            statuses[status] += 1
+
+    before = rss_mb(pid)
+    peak = before
+    threads = [threading.Thread(target=post, daemon=True) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, rss_mb(pid))
+        time.sleep(0.02)
+    seconds = time.perf_counter() - t0
+    time.sleep(settle_s)
+    return {"clients": clients, "body_bytes": len(body), "statuses": dict(statuses),
+            "seconds": seconds, "rss_before_mb": before, "rss_peak_mb": peak,
+            "rss_after_mb": rss_mb(pid)}
 
 
 # -- schemathesis ------------------------------------------------------------------------------

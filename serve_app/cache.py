@@ -2,7 +2,10 @@
 
 The cache is an optimisation, never a dependency: every call returns within its timeout
 budget and never raises to the caller. Values are JSON (never pickle), so a poisoned or
-foreign entry in a shared Redis cannot execute code in a replica.
+foreign entry in a shared Redis cannot execute code in a replica; and every value read is
+checked against the schema of a cached prediction (and, when the caller says which, the
+model that must have made it) before it is used: anything else is a miss, deleted from
+Redis and counted as "invalid".
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serve_app.schemas import ModelRef, Uncertainty
+from serve_app.settings import redact_url
 
 try:
     import orjson
@@ -64,14 +73,60 @@ def _loads(raw: bytes) -> dict:
     return value
 
 
-def _safe_url(url: str) -> str:
-    """The URL without credentials, for log messages."""
-    try:
-        parts = urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparsable url>"
-    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+class _CachedPosition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    latitude: float = Field(ge=-90.0, le=90.0)
+    longitude: float = Field(ge=-180.0, le=180.0)
+
+
+class _CachedGeoJson(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(pattern="^FeatureCollection$")
+    features: list[dict[str, Any]] = Field(min_length=1)
+
+
+class CachedResult(BaseModel):
+    """The model-dependent part of a `PredictResponse`: what a cache entry keeps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    position: _CachedPosition
+    uncertainty: Uncertainty
+    geojson: _CachedGeoJson
+    receivers_used: list[str]
+
+
+class CachedPrediction(BaseModel):
+    """A prediction cache entry: the result and the registered model that computed it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    result: CachedResult
+    model: ModelRef
+
+
+# (version, sha256) of the model whose answers a read may return; None = any model.
+Identity = tuple[str | None, str | None]
+# Checks a decoded value; raises ValueError (pydantic's ValidationError is one) if unusable.
+Validator = Callable[[dict, "Identity | None"], None]
+
+
+def validate_prediction(value: dict, identity: Identity | None = None) -> None:
+    """Raise ValueError unless `value` is a cached prediction (of model `identity` if given)."""
+    entry = CachedPrediction.model_validate(value)
+    if identity is not None:
+        version, sha = identity
+        if entry.model.version != version or entry.model.sha256 != sha:
+            raise ValueError(
+                f"entry of model version {entry.model.version!r} "
+                f"(sha256 {(entry.model.sha256 or '')[:12]!r}) read for version {version!r} "
+                f"(sha256 {(sha or '')[:12]!r})"
+            )
+
+
+_safe_url = redact_url
 
 
 class CircuitBreaker:
@@ -147,16 +202,34 @@ class PredictionCache:
 
     backend = "none"
 
-    def __init__(self) -> None:
+    def __init__(self, validator: Validator | None = validate_prediction) -> None:
         self._stats_lock = threading.Lock()
-        self.stats: dict[str, int] = {"hits": 0, "misses": 0, "errors": 0, "skipped": 0}
+        self._validator = validator
+        self.stats: dict[str, int] = {
+            "hits": 0, "misses": 0, "errors": 0, "skipped": 0, "invalid": 0}
 
     def _count(self, name: str) -> None:
         with self._stats_lock:
             self.stats[name] += 1
 
-    async def get(self, key: str) -> dict | None:
-        """The cached value for `key`, or None on a miss or any failure."""
+    def _check(self, raw: bytes, identity: Identity | None) -> dict:
+        """The decoded value if it passes the validator; ValueError otherwise."""
+        value = _loads(raw)
+        if self._validator is not None:
+            try:
+                self._validator(value, identity)
+            except ValidationError as exc:  # keep the message short: no input echoed
+                first = exc.errors(include_url=False, include_input=False)[0]
+                where = ".".join(str(p) for p in first["loc"]) or "value"
+                raise ValueError(f"not a cached prediction: {where}: {first['msg']}") from None
+        return value
+
+    async def get(self, key: str, identity: Identity | None = None) -> dict | None:
+        """The cached value for `key`, or None on a miss, an invalid entry or any failure.
+
+        `identity` (version, sha256) names the model whose answers the caller may use; an
+        entry made by another model is treated like any other invalid entry.
+        """
         raise NotImplementedError
 
     async def set(self, key: str, value: dict) -> None:
@@ -189,8 +262,9 @@ class RedisCache(PredictionCache):
         timeout_ms: float = 50,
         failure_threshold: int = 3,
         reset_timeout_s: float = 5.0,
+        validator: Validator | None = validate_prediction,
     ) -> None:
-        super().__init__()
+        super().__init__(validator)
         if urlsplit(url).scheme not in _REDIS_SCHEMES:
             raise ValueError(f"cache url must use one of {_REDIS_SCHEMES}: {_safe_url(url)!r}")
         if ttl_s <= 0:
@@ -265,8 +339,9 @@ class RedisCache(PredictionCache):
         self.breaker.record_failure()
         self._warn(action, exc)
 
-    async def get(self, key: str) -> dict | None:
-        """The cached value for `key`, or None on a miss, an open breaker or any failure."""
+    async def get(self, key: str, identity: Identity | None = None) -> dict | None:
+        """The cached value for `key`, or None on a miss, an open breaker, an invalid entry
+        (deleted) or any failure."""
         if not self.breaker.allow():
             self._count("skipped")
             return None
@@ -281,11 +356,12 @@ class RedisCache(PredictionCache):
             self._count("misses")
             return None
         try:
-            value = _loads(raw)
+            value = self._check(raw, identity)
         except Exception as exc:
-            # Redis is healthy, the entry is not: an error, but not a breaker failure.
-            self._count("errors")
-            self._warn("decode", exc)
+            # Redis is healthy, the entry is not (forged, foreign, corrupt, or of another
+            # model): a miss, never a failure of the request, and not a breaker failure.
+            self._count("invalid")
+            self._warn("read of an invalid entry", exc)
             await self._delete_quietly(key)
             return None
         self._count("hits")
@@ -295,7 +371,7 @@ class RedisCache(PredictionCache):
         try:
             await asyncio.wait_for(self._get_client().delete(key), self.timeout_s)
         except Exception as exc:
-            logger.debug("could not delete undecodable cache entry: %r", exc)
+            logger.debug("could not delete an invalid cache entry: %r", exc)
 
     async def set(self, key: str, value: dict) -> None:
         """Store `value` as JSON with a TTL; failures are counted and swallowed."""
@@ -349,8 +425,9 @@ class LocalLRUCache(PredictionCache):
 
     backend = "local"
 
-    def __init__(self, max_items: int, ttl_s: float = 3600) -> None:
-        super().__init__()
+    def __init__(self, max_items: int, ttl_s: float = 3600,
+                 validator: Validator | None = validate_prediction) -> None:
+        super().__init__(validator)
         if max_items < 1:
             raise ValueError("max_items must be >= 1")
         if ttl_s <= 0:
@@ -365,8 +442,8 @@ class LocalLRUCache(PredictionCache):
         with self._lock:
             return len(self._items)
 
-    async def get(self, key: str) -> dict | None:
-        """A fresh copy of the cached value, or None if absent or expired."""
+    async def get(self, key: str, identity: Identity | None = None) -> dict | None:
+        """A fresh copy of the cached value, or None if absent, expired or invalid."""
         now = time.monotonic()
         with self._lock:
             entry = self._items.get(key)
@@ -379,10 +456,12 @@ class LocalLRUCache(PredictionCache):
             self._count("misses")
             return None
         try:
-            value = _loads(entry[1])
-        except Exception as exc:  # pragma: no cover - we only store what we encoded
-            self._count("errors")
-            logger.warning("local cache entry failed to decode: %r", exc)
+            value = self._check(entry[1], identity)
+        except Exception as exc:
+            self._count("invalid")
+            logger.warning("invalid local cache entry dropped: %s", exc)
+            with self._lock:
+                self._items.pop(key, None)
             return None
         self._count("hits")
         return value

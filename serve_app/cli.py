@@ -13,7 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from serve_app.settings import REPO_ROOT
+from serve_app.listeners import haproxy_env, private_ray_token, private_runtime_dir
+from serve_app.settings import REPO_ROOT, redact_url
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "serve_config.yaml"
 LOOPBACK_ENV = {
@@ -25,6 +26,9 @@ LOOPBACK_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(64 * 1024 * 1024),
+    # Token authentication of the dashboard, the GCS and the replicas' gRPC servers (Ray
+    # turns it on for a local cluster anyway; said here so that it stays on).
+    "RAY_AUTH_MODE": "token",
 }
 # Only for the single machine of `rfloc serve`, not a cluster behind a load balancer: a
 # stopping direct-ingress replica stays open this long for an external balancer to
@@ -57,7 +61,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except (RflocError, ValueError) as exc:
         print(f"rfloc serve: cannot start: {exc}", file=sys.stderr)
         return 2
-    where = env.mlflow_tracking_uri or f"embedded registry in {env.state_dir}"
+    where = (redact_url(env.mlflow_tracking_uri) if env.mlflow_tracking_uri
+             else f"embedded registry in {env.state_dir}")
     print(f"model {args.model_name}@{args.model_alias} -> version {version} ({where})", flush=True)
     serve_bin = shutil.which("serve")
     if serve_bin is None:
@@ -73,6 +78,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     # A fresh local Ray instance, even when another cluster runs on this machine (set
     # RAY_ADDRESS to attach to one on purpose; `serve deploy` is the way onto a cluster).
     env_vars = {**LOOPBACK_ENV, **SINGLE_NODE_ENV, "RAY_ADDRESS": "local", **os.environ}
+    note = private_ray_token(env_vars)
+    if note:
+        print(f"rfloc serve: {note}", flush=True)
+    runtime_dir = None
+    if env_vars.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        # HAProxy's stats and Prometheus ports on loopback, its admin socket private
+        # (serve_app/listeners.py); an operator's own RAY_SERVE_HAPROXY_* settings win.
+        runtime_dir = private_runtime_dir()
+        env_vars = {**haproxy_env(runtime_dir, env_vars), **env_vars}
     port = cfg.get("http_options", {}).get("port", 8000)
     print(f"starting Ray Serve: http://127.0.0.1:{port}/docs  (Ctrl-C stops)", flush=True)
     # `serve run` shuts Serve and the local Ray instance it started down on SIGINT; turn
@@ -94,6 +108,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     finally:
         if config_path != Path(a.config):
             config_path.unlink(missing_ok=True)
+        if runtime_dir is not None:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
@@ -122,6 +138,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
     """Localize every capture of an NPZ file on Ray Data; write predictions with GeoJSON."""
     for key, value in LOOPBACK_ENV.items():  # before Ray is imported, which reads them
         os.environ.setdefault(key, value)
+    private_ray_token(os.environ)  # Ray would write a missing one readable by all
     from serve_app.batch import run_batch
 
     summary = run_batch(a.input, a.output, batch_size=a.batch_size, max_actors=a.max_actors,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from serve_app.constants import CENTER_FREQ_HZ, DEFAULT_CONFIDENCE, SAMPLE_RATE_HZ
+from serve_app.constants import CENTER_FREQ_HZ, DEFAULT_CONFIDENCE, N_SAMPLES, SAMPLE_RATE_HZ
 from serve_app.errors import InvalidInput
 
 MAX_RECEIVERS = 32
@@ -16,6 +17,17 @@ MAX_BATCH_CAPTURES = 64
 MAX_RECEIVER_ID_LEN = 64
 MAX_SESSION_ID_LEN = 128
 MAX_MODEL_VERSION_LEN = 16
+# The widest IQ encoding is complex64 (SigMF cf32_le): 8 bytes per complex sample.
+MAX_IQ_SAMPLE_BYTES = 8
+# Longest iq_b64 accepted for decoding: the base64 of N_SAMPLES + 1 samples of the widest
+# encoding (51,212 characters; a valid capture is 51,200). A longer string is refused before
+# it is decoded; one sample of slack keeps the precise message ("got 4801 samples", "not a
+# multiple of 8") for a near miss.
+MAX_IQ_B64_CHARS = 4 * math.ceil((N_SAMPLES + 1) * MAX_IQ_SAMPLE_BYTES / 3)
+# Largest POST /predict body read: MAX_RECEIVERS x N_SAMPLES [I, Q] pairs of full-precision
+# doubles (~52 bytes a pair, 8 MB; indented JSON ~14 MB) fit; the same capture in iq_b64 is
+# 1.6 MB. A larger body is refused with 413 before it is parsed.
+MAX_CAPTURE_BODY_BYTES = 16 * 1024 * 1024
 
 # Error type raised by validators that blame one field of the model they validate; the
 # field goes in ctx["field"] so that `loc_to_field` can append it to the error location.
@@ -45,6 +57,7 @@ class ReceiverCapture(BaseModel):
     )
     iq_b64: str | None = Field(
         default=None,
+        max_length=MAX_IQ_B64_CHARS,
         description="IQ samples, base64 of little-endian complex64 (or interleaved int16 "
         "I,Q when dtype is int16).",
     )

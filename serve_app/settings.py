@@ -3,20 +3,43 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serve_app.schemas import MAX_BATCH_CAPTURES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models"
+# An admin token shorter than this is refused at startup (`openssl rand -hex 32` gives 64).
+MIN_ADMIN_TOKEN_CHARS = 24
+
+
+def redact_url(url: str) -> str:
+    """The URL without user and password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable url>"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
 class EnvSettings(BaseSettings):
     """External systems and secrets, from the environment (prefix RFLOC_)."""
 
-    model_config = SettingsConfigDict(env_prefix="RFLOC_", extra="ignore")
+    # hide_input_in_errors: a refused secret must not be echoed into logs.
+    model_config = SettingsConfigDict(env_prefix="RFLOC_", extra="ignore",
+                                      hide_input_in_errors=True)
 
     state_dir: Path = Field(
         default=Path.home() / ".rfloc",
@@ -34,13 +57,33 @@ class EnvSettings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(
         default=None,
-        description="Bearer token of the admin endpoints; unset = admin endpoints disabled.",
+        description="Bearer token of the admin endpoints, at least 24 characters (surrounding "
+                    "whitespace, such as a file's trailing newline, is removed); unset or "
+                    "empty = admin endpoints disabled.",
     )
     http_host: str | None = Field(
         default=None,
         description="`rfloc serve` only: replaces the config's http_options.host (a container "
                     "sets 0.0.0.0); unset = the config's host (127.0.0.1 when shipped).",
     )
+
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _strip_admin_token(cls, value: object) -> object:
+        # A token read from a file or a Secret often ends in a newline that no client sends.
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        token = value.strip()
+        if not token:
+            return None
+        if len(token) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(
+                f"RFLOC_ADMIN_TOKEN is {len(token)} characters long; use at least "
+                f"{MIN_ADMIN_TOKEN_CHARS} (e.g. `openssl rand -hex 32`)")
+        return token
 
 
 class AppArgs(BaseModel):

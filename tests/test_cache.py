@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import pickle
 import shutil
@@ -35,7 +36,30 @@ TIMEOUT_MS = 50.0
 # Scheduling slack on a small, busy CI machine; a stalled call would take seconds.
 SLACK_S = 0.25
 
-VALUE = {"position": {"latitude": 45.1, "longitude": 8.2}, "receivers_used": ["torino"]}
+
+
+def prediction_entry(version: str = "3", sha256: str | None = "ab" * 32,
+                     latitude: float = 45.1) -> dict:
+    """A cache entry as the Ingress stores it: a result and the model that made it."""
+    return {
+        "result": {
+            "position": {"latitude": latitude, "longitude": 8.2},
+            "uncertainty": {"sigma_x": 12000.0, "sigma_y": 9000.0, "rho": 0.2, "theta": 31.0,
+                            "semi_major_m": 30000.0, "semi_minor_m": 21000.0,
+                            "orientation_deg": 59.0, "confidence_level": 0.95,
+                            "area_m2": 1.9e9},
+            "geojson": {"type": "FeatureCollection", "features": [
+                {"type": "Feature", "geometry": {"type": "Point",
+                                                 "coordinates": [8.2, latitude]},
+                 "properties": {}}]},
+            "receivers_used": ["torino", "milano", "genova"],
+        },
+        "model": {"name": "localization_model", "version": version, "alias": "production",
+                  "sha256": sha256},
+    }
+
+
+VALUE = prediction_entry()
 
 
 # ---------------------------------------------------------------- fixtures
@@ -258,7 +282,7 @@ def test_redis_hit_after_miss_and_key_variants(shared_redis, test_prefix) -> Non
             await cache.close()
 
     asyncio.run(scenario())
-    assert cache.stats == {"hits": 1, "misses": 3, "errors": 0, "skipped": 0}
+    assert cache.stats == {"hits": 1, "misses": 3, "errors": 0, "skipped": 0, "invalid": 0}
     assert cache.health()["breaker"] == "closed"
 
 
@@ -297,8 +321,6 @@ def test_redis_values_are_json_not_pickle(shared_redis, test_prefix) -> None:
     raw = client.get(key)
     assert raw is not None and not raw.startswith(b"\x80")
     assert raw.startswith(b"{")
-    import json
-
     assert json.loads(raw)["cov"] == [[1.0, 0.0], [0.0, 1.0]]
     assert 0 < client.pttl(key) <= 30_000
 
@@ -334,9 +356,167 @@ def test_redis_planted_pickle_is_not_unpickled(shared_redis, test_prefix) -> Non
 
     assert asyncio.run(scenario()) == [None, None, None]
     assert not _Boom.triggered
-    assert cache.stats["errors"] == 3 and cache.stats["hits"] == 0
+    assert cache.stats["invalid"] == 3 and cache.stats["hits"] == cache.stats["errors"] == 0
     assert cache.breaker.state == "closed"  # bad entries are not a Redis outage
     assert client.exists(pickle_key, junk_key, list_key) == 0  # deleted best-effort
+
+
+# A poisoned entry under a real key: what an attacker with write access to Redis, a foreign
+# application sharing the keyspace, or a corrupt write would leave.
+POISONED = {
+    "empty object": {},
+    "position is text": {**VALUE, "result": {**VALUE["result"], "position": "here"}},
+    "latitude out of range": prediction_entry(latitude=123.0),
+    "extra field": {**VALUE, "result": {**VALUE["result"], "note": "x"}},
+    "no model": {"result": VALUE["result"]},
+    "not a FeatureCollection": {**VALUE, "result": {**VALUE["result"], "geojson": {
+        "type": "Point", "coordinates": [0, 0]}}},
+}
+
+
+@pytest.mark.parametrize("what", sorted(POISONED))
+def test_redis_poisoned_entry_is_a_miss_deleted_and_counted(shared_redis, test_prefix,
+                                                            what) -> None:
+    client, keys = shared_redis
+    key = test_prefix + "poisoned"
+    keys.append(key)
+    client.set(key, json.dumps(POISONED[what]))
+    cache = RedisCache(SHARED_REDIS_URL, ttl_s=30, timeout_ms=500)
+
+    async def scenario() -> tuple[dict | None, dict | None]:
+        try:
+            first = await cache.get(key)
+            await cache.set(key, VALUE)  # what the Ingress does after recomputing
+            return first, await cache.get(key)
+        finally:
+            await cache.close()
+
+    assert asyncio.run(scenario()) == (None, VALUE)
+    assert cache.stats["invalid"] == 1 and cache.stats["hits"] == 1
+    assert cache.stats["errors"] == 0 and cache.breaker.state == "closed"
+
+
+def test_redis_invalid_entry_is_deleted(shared_redis, test_prefix) -> None:
+    client, keys = shared_redis
+    key = test_prefix + "deleted"
+    keys.append(key)
+    client.set(key, b"{}")
+    cache = RedisCache(SHARED_REDIS_URL, ttl_s=30, timeout_ms=500)
+
+    async def scenario() -> dict | None:
+        try:
+            return await cache.get(key)
+        finally:
+            await cache.close()
+
+    assert asyncio.run(scenario()) is None
+    assert client.exists(key) == 0
+    assert cache.health()["stats"]["invalid"] == 1
+
+
+def test_redis_entry_of_another_model_is_invalid(shared_redis, test_prefix) -> None:
+    client, keys = shared_redis
+    key = test_prefix + "identity"
+    keys.append(key)
+    serving = ("3", "ab" * 32)
+    cache = RedisCache(SHARED_REDIS_URL, ttl_s=30, timeout_ms=500)
+    others = [prediction_entry(version="2"), prediction_entry(sha256="cd" * 32),
+              prediction_entry(sha256=None)]
+
+    async def scenario() -> list:
+        try:
+            got = []
+            for entry in others:
+                await cache.set(key, entry)
+                got.append(await cache.get(key, serving))
+                got.append(client.exists(key))
+            await cache.set(key, VALUE)
+            got.append(await cache.get(key, serving))
+            return got
+        finally:
+            await cache.close()
+
+    assert asyncio.run(scenario()) == [None, 0, None, 0, None, 0, VALUE]
+    assert cache.stats["invalid"] == 3 and cache.stats["hits"] == 1
+
+
+def test_local_lru_validates_entries_too() -> None:
+    cache = LocalLRUCache(max_items=4, ttl_s=60)
+
+    async def scenario() -> list:
+        await cache.set("a", {})
+        await cache.set("b", VALUE)
+        return [await cache.get("a"), len(cache), await cache.get("b", ("2", "ab" * 32)),
+                len(cache)]
+
+    assert asyncio.run(scenario()) == [None, 1, None, 0]
+    assert cache.stats["invalid"] == 2
+
+
+@pytest.fixture
+def acl_user(shared_redis) -> Iterator[tuple[str, str]]:
+    """A Redis ACL user allowed only what the cache does, on its keys; deleted afterwards."""
+    client, _ = shared_redis
+    user, password = f"rfloc-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    client.execute_command(
+        "ACL", "SETUSER", user, "reset", "on", f">{password}", f"~{KEY_PREFIX}*",
+        "~rfloc-test:*", "+get", "+set", "+del", "+ping", "+select")
+    try:
+        yield user, password
+    finally:
+        client.execute_command("ACL", "DELUSER", user)
+
+
+def test_redis_url_with_acl_user_and_password(shared_redis, acl_user, test_prefix,
+                                              caplog) -> None:
+    client, keys = shared_redis
+    user, password = acl_user
+    key = test_prefix + "acl"
+    keys.append(key)
+    db = 5
+    good = RedisCache(f"redis://{user}:{password}@127.0.0.1:6379/{db}", ttl_s=30,
+                      timeout_ms=500)
+    wrong = RedisCache(f"redis://{user}:not-{password}@127.0.0.1:6379/{db}", ttl_s=30,
+                       timeout_ms=500)
+
+    async def scenario() -> list:
+        try:
+            await good.set(key, VALUE)
+            return [await good.get(key), await good.ping(), await wrong.get(key),
+                    await wrong.ping()]
+        finally:
+            await good.close()
+            await wrong.close()
+
+    with caplog.at_level(logging.WARNING, logger="serve_app.cache"):
+        assert asyncio.run(scenario()) == [VALUE, True, None, False]
+    as_db = redis.Redis.from_url(f"redis://127.0.0.1:6379/{db}", socket_timeout=2)
+    try:
+        assert as_db.exists(key) == 1  # written to the database the URL names
+        as_db.delete(key)
+    finally:
+        as_db.close()
+    assert good.stats["hits"] == 1 and good.stats["errors"] == 0
+    assert wrong.stats["errors"] == 1 and wrong.stats["hits"] == 0
+    assert "invalid username-password" in caplog.text.lower()
+    assert password not in caplog.text  # URLs are logged without their credentials
+
+
+def test_rediss_url_makes_a_tls_client() -> None:
+    from redis.asyncio.connection import SSLConnection
+
+    cache = RedisCache("rediss://user:secret@redis.example:6380/2?ssl_cert_reqs=required",
+                       ttl_s=30, timeout_ms=500)
+
+    async def client_kwargs() -> tuple:
+        client = cache._get_client()
+        pool = client.connection_pool
+        return pool.connection_class, pool.connection_kwargs
+
+    cls, kwargs = asyncio.run(client_kwargs())
+    assert issubclass(cls, SSLConnection)
+    assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("user", "secret", 2)
+    assert "secret" not in repr(cache.health())
 
 
 # The first loop's client cannot be closed once asyncio.run has closed its loop; its
@@ -416,7 +596,7 @@ def test_redis_ping_and_health(shared_redis) -> None:
     assert asyncio.run(scenario()) is True
     health = cache.health()
     assert health["backend"] == "redis" and health["breaker"] == "closed"
-    assert set(health["stats"]) == {"hits", "misses", "errors", "skipped"}
+    assert set(health["stats"]) == {"hits", "misses", "errors", "skipped", "invalid"}
 
 
 # ---------------------------------------------------------------- RedisCache, faults
@@ -482,6 +662,7 @@ def test_redis_killed_and_restarted_under_load(own_redis: RedisProcess) -> None:
         timeout_ms=TIMEOUT_MS,
         failure_threshold=3,
         reset_timeout_s=reset_timeout_s,
+        validator=None,  # plain {"batch", "i"} objects: this test is about outages
     )
     n_batches, batch_size = 30, 10  # 300 operations, each a set then a get
     kill_at, restart_at = 10, 20
@@ -554,7 +735,7 @@ def test_redis_killed_and_restarted_under_load(own_redis: RedisProcess) -> None:
 
 
 def test_local_lru_evicts_least_recently_used() -> None:
-    cache = LocalLRUCache(max_items=2, ttl_s=60)
+    cache = LocalLRUCache(max_items=2, ttl_s=60, validator=None)  # any JSON object
 
     async def scenario() -> None:
         await cache.set("a", {"v": 1})
@@ -568,7 +749,7 @@ def test_local_lru_evicts_least_recently_used() -> None:
         assert len(cache) == 2 and await cache.get("a") == {"v": 4}
 
     asyncio.run(scenario())
-    assert cache.stats == {"hits": 4, "misses": 1, "errors": 0, "skipped": 0}
+    assert cache.stats == {"hits": 4, "misses": 1, "errors": 0, "skipped": 0, "invalid": 0}
     assert cache.health()["items"] == 2
 
 
@@ -587,15 +768,16 @@ def test_local_lru_ttl() -> None:
 
 def test_local_lru_entries_cannot_be_mutated_by_callers() -> None:
     cache = LocalLRUCache(max_items=10, ttl_s=60)
-    value = {"position": {"latitude": 45.0}, "receivers_used": ["torino"]}
+    value = prediction_entry(latitude=45.0)
 
     async def scenario() -> None:
         await cache.set("a", value)
-        value["position"]["latitude"] = 0.0
+        value["result"]["position"]["latitude"] = 0.0
         got = await cache.get("a")
-        assert got == {"position": {"latitude": 45.0}, "receivers_used": ["torino"]}
-        got["receivers_used"].append("milano")
-        assert (await cache.get("a"))["receivers_used"] == ["torino"]
+        assert got == prediction_entry(latitude=45.0)
+        got["result"]["receivers_used"].append("rome")
+        assert (await cache.get("a"))["result"]["receivers_used"] == [
+            "torino", "milano", "genova"]
 
     asyncio.run(scenario())
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 
 import orjson
 import pytest
 
+import serve_app.decode
 from serve_app.constants import N_SAMPLES
 from serve_app.decode import (
     CAPTURE_MAX_ARRAYS,
@@ -14,9 +17,16 @@ from serve_app.decode import (
     decode_capture,
     decode_raw_batch,
     decode_raw_body,
+    validate_capture,
 )
 from serve_app.errors import InvalidInput
-from serve_app.schemas import MAX_BATCH_CAPTURES, MAX_RECEIVERS
+from serve_app.schemas import (
+    MAX_BATCH_CAPTURES,
+    MAX_CAPTURE_BODY_BYTES,
+    MAX_IQ_B64_CHARS,
+    MAX_IQ_SAMPLE_BYTES,
+    MAX_RECEIVERS,
+)
 
 
 def _refusal(fn, body) -> tuple[InvalidInput, float]:
@@ -81,3 +91,52 @@ def test_str_bodies_are_counted_too():
     body = orjson.dumps({"receivers": [{"id": "a", "iq_b64": "AAAA"}] * 10_000}).decode()
     exc, _ = _refusal(decode_raw_body, body)
     assert (exc.status_code, exc.field) == (413, "body")
+
+
+def test_iq_b64_limit_is_the_largest_valid_capture_plus_one_sample():
+    assert len(base64.b64encode(bytes((N_SAMPLES + 1) * MAX_IQ_SAMPLE_BYTES))) == MAX_IQ_B64_CHARS
+    assert len(base64.b64encode(bytes(N_SAMPLES * MAX_IQ_SAMPLE_BYTES))) == 51_200
+
+
+@pytest.mark.parametrize("path", ["model", "dict"])
+def test_a_long_iq_b64_is_refused_before_it_is_decoded(network, sample_requests, path,
+                                                       monkeypatch):
+    good = sample_requests["b64"][0]
+    decoded = []
+    real = serve_app.decode._b64.b64decode
+    monkeypatch.setattr(serve_app.decode._b64, "b64decode",
+                        lambda text, **kw: decoded.append(len(text)) or real(text, **kw))
+    for chars in (MAX_IQ_B64_CHARS + 4, 45 * 1000 * 1000):
+        rx = [{**good["receivers"][0], "iq_b64": "A" * chars}, *good["receivers"][1:]]
+        body = {**good, "receivers": rx}
+        with pytest.raises(InvalidInput) as exc:
+            decode_capture(validate_capture(body) if path == "model" else body, network)
+        assert (exc.value.status_code, exc.value.field) == (422, "receivers[0].iq_b64")
+    assert all(n <= MAX_IQ_B64_CHARS for n in decoded), decoded  # only the good receivers
+
+
+def test_a_near_miss_still_gets_the_precise_message(network, sample_requests):
+    good = sample_requests["b64"][0]
+    one_more = base64.b64encode(bytes((N_SAMPLES + 1) * 8)).decode()
+    body = {**good, "receivers": [{**good["receivers"][0], "iq_b64": one_more},
+                                  *good["receivers"][1:]]}
+    with pytest.raises(InvalidInput) as exc:
+        decode_capture(body, network)
+    assert f"got {N_SAMPLES + 1} samples" in exc.value.message
+
+
+def test_the_largest_valid_capture_fits_the_predict_body_limit():
+    # 32 receivers x 4,800 [I, Q] pairs of full-precision doubles, indented as json.dumps
+    # does it: the most generous encoding a client is likely to send.
+    pair = [-0.012345678901234567, -1.2345678901234567e-05]
+    rx = {"id": "torino", "iq": [pair] * N_SAMPLES}
+    body = json.dumps({"receivers": [rx] * MAX_RECEIVERS}, indent=1).encode()
+    assert 8_000_000 < len(body) < MAX_CAPTURE_BODY_BYTES
+    assert len(decode_raw_body(body).receivers) == MAX_RECEIVERS
+
+
+def test_a_predict_body_over_the_limit_is_refused_before_parsing():
+    body = b'{"receivers": [], "session_id": "' + b"x" * MAX_CAPTURE_BODY_BYTES + b'"}'
+    exc, refuse_s = _refusal(decode_raw_body, body)
+    assert (exc.status_code, exc.field) == (413, "body")
+    assert refuse_s < 0.05

@@ -148,7 +148,7 @@ def test_runs_as_a_numeric_non_root_user():
     user = users[-1].split(":")[0]
     # Numeric, so Kubernetes' runAsNonRoot can verify it.
     assert user.isdigit() and int(user) > 0, users[-1]
-    pod = yaml.safe_load(RAYSERVICE.read_text())["spec"]["rayClusterConfig"]["headGroupSpec"]
+    pod = rayservice()["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert pod["template"]["spec"]["securityContext"]["runAsUser"] == int(user)
     assert not any("sudo" in a for a in instructions("RUN"))
 
@@ -183,7 +183,7 @@ def test_ray_version_build_arg_matches_pin_and_manifest():
     args = dict(a.split("=", 1) for a in instructions("ARG") if "=" in a)
     assert args["RAY_VERSION"] == ray_pin()
     assert args["PYTHON_IMAGE"].startswith("python:3.11")
-    spec = yaml.safe_load(RAYSERVICE.read_text())["spec"]["rayClusterConfig"]
+    spec = rayservice()["spec"]["rayClusterConfig"]
     assert spec["rayVersion"] == ray_pin()
 
 
@@ -194,19 +194,77 @@ def test_static_files_are_package_data():
 
 # -- KubeRay RayService ----------------------------------------------------------------------
 
+def manifests() -> dict[str, dict]:
+    """The documents of the KubeRay manifest by kind."""
+    docs = [d for d in yaml.safe_load_all(RAYSERVICE.read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    assert len(by_kind) == len(docs), "one document of each kind"
+    return by_kind
+
+
 def rayservice() -> dict:
-    return yaml.safe_load(RAYSERVICE.read_text())
+    return manifests()["RayService"]
+
+
+# MLflow's own client settings (read by MLflow from the environment, not by EnvSettings).
+MLFLOW_CLIENT_ENV = {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                     "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_SERVER_CERT_PATH"}
 
 
 def test_serve_config_v2_is_the_shipped_serve_config():
     shipped = yaml.safe_load(SERVE_CONFIG.read_text())
     v2 = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
-    # The one deliberate difference: on Kubernetes the proxies listen on the pod network.
+    # The deliberate differences: on Kubernetes the proxies listen on the pod network, and
+    # every deployment has at least two replicas (a fixed count spread one per pod).
     assert shipped["http_options"]["host"] == "127.0.0.1"
     assert v2["http_options"]["host"] == "0.0.0.0"
     expected = copy.deepcopy(shipped)
     expected["http_options"]["host"] = "0.0.0.0"
+    for dep, v2_dep in zip(expected["applications"][0]["deployments"],
+                           v2["applications"][0]["deployments"], strict=True):
+        assert dep["name"] == v2_dep["name"]
+        if "autoscaling_config" in dep:
+            auto = dep["autoscaling_config"]
+            auto["min_replicas"] = max(2, auto["min_replicas"])
+            auto["max_replicas"] = max(auto["max_replicas"], auto["min_replicas"])
+        else:
+            dep["num_replicas"] = max(2, dep["num_replicas"])
+        if "max_replicas_per_node" in v2_dep:
+            dep["max_replicas_per_node"] = 1
     assert v2 == expected
+
+
+def test_every_deployment_on_kuberay_has_two_replicas_on_two_pods():
+    spec = rayservice()["spec"]
+    cfg = yaml.safe_load(spec["serveConfigV2"])
+    [group] = spec["rayClusterConfig"]["workerGroupSpecs"]
+    for dep in cfg["applications"][0]["deployments"]:
+        least = dep.get("autoscaling_config", {}).get("min_replicas") or dep["num_replicas"]
+        assert least >= 2, dep["name"]
+        per_node = dep.get("max_replicas_per_node")
+        if per_node is not None:  # enough pods at the group's minimum for the fixed count
+            assert group["minReplicas"] * per_node >= least, dep["name"]
+    assert group["minReplicas"] >= 2
+
+
+def test_network_policy_opens_only_the_serve_port_to_clients():
+    policy = manifests()["NetworkPolicy"]
+    spec = policy["spec"]
+    pods = rayservice()["spec"]["rayClusterConfig"]
+    labels = [pods["headGroupSpec"]["template"]["metadata"]["labels"],
+              *(g["template"]["metadata"]["labels"] for g in pods["workerGroupSpecs"])]
+    selector = spec["podSelector"]["matchLabels"]
+    assert all(selector.items() <= lab.items() for lab in labels), "selects every Ray pod"
+    assert spec["policyTypes"] == ["Ingress"]
+    open_rules = [r for r in spec["ingress"] if not r.get("from")]
+    assert open_rules == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
+    for rule in spec["ingress"]:
+        if rule.get("from"):
+            peers = rule["from"]
+            assert all("ipBlock" not in p for p in peers), "no address-based openings"
+            assert all(p.get("podSelector", {}).get("matchLabels") for p in peers), rule
+    internal = [r for r in spec["ingress"] if r.get("from") and "ports" not in r]
+    assert internal == [{"from": [{"podSelector": {"matchLabels": selector}}]}]
 
 
 @pytest.mark.parametrize("which", ["shipped", "kuberay"])
@@ -262,14 +320,14 @@ def test_rayservice_is_sized_autoscaled_and_private():
     assert 1 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert group["maxReplicas"] > group["minReplicas"]
 
-    # One worker holds every replica of the serve config at its autoscaling maximum.
+    # The workers at the group's minimum hold every replica at its autoscaling maximum.
     cfg = yaml.safe_load(spec["serveConfigV2"])
     needed = sum(
         d["ray_actor_options"]["num_cpus"]
         * (d.get("autoscaling_config", {}).get("max_replicas") or d.get("num_replicas", 1))
         for d in cfg["applications"][0]["deployments"])
     [worker] = group["template"]["spec"]["containers"]
-    assert _cpus(worker["resources"]["limits"]["cpu"]) >= needed
+    assert group["minReplicas"] * _cpus(worker["resources"]["limits"]["cpu"]) >= needed
     assert worker["resources"]["requests"] == worker["resources"]["limits"]
 
     # Token auth from a Secret; no token, password or key written in the manifest.
@@ -277,9 +335,15 @@ def test_rayservice_is_sized_autoscaled_and_private():
     [headc] = head["template"]["spec"]["containers"]
     assert headc["image"] == worker["image"]
     assert headc["env"] == worker["env"]
+    secret = {"REDIS_URL", "RFLOC_ADMIN_TOKEN", "MLFLOW_TRACKING_USERNAME",
+              "MLFLOW_TRACKING_PASSWORD"}
     for var in headc["env"]:
-        if "TOKEN" in var["name"] or "PASSWORD" in var["name"]:
+        if var["name"] in secret or any(w in var["name"] for w in ("TOKEN", "PASSWORD")):
             assert "secretKeyRef" in var.get("valueFrom", {}), var["name"]
+            assert "value" not in var, var["name"]
+        else:
+            assert "@" not in str(var.get("value", "")), var["name"]  # no user:pass@ URL
+    assert secret <= {v["name"] for v in headc["env"]}
 
 
 def test_rayservice_env_vars_are_documented_settings():
@@ -289,6 +353,7 @@ def test_rayservice_env_vars_are_documented_settings():
     from serve_app.settings import EnvSettings
 
     known = {n for name, f in EnvSettings.model_fields.items() for n in env_names(name, f)}
+    known |= MLFLOW_CLIENT_ENV
     serve_opts = {k: v for k, v in LOOPBACK_ENV.items() if k.startswith("RAY_SERVE_")}
     cluster = rayservice()["spec"]["rayClusterConfig"]
     [headc] = cluster["headGroupSpec"]["template"]["spec"]["containers"]

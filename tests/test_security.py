@@ -20,9 +20,11 @@ from starlette.requests import Request
 
 from deployments.ingress import Ingress
 from serve_app.cache import LocalLRUCache, _loads, cache_key
+from serve_app.cli import main as rfloc_main
 from serve_app.decode import decode_capture, decode_raw_batch, decode_raw_body
 from serve_app.errors import InvalidInput
-from serve_app.settings import EnvSettings
+from serve_app.settings import MIN_ADMIN_TOKEN_CHARS, EnvSettings
+from tests.test_cache import prediction_entry
 
 TOKEN = "s3cret-admin-token-0123456789abcdef"
 
@@ -90,6 +92,33 @@ def test_admin_token_is_compared_in_constant_time(monkeypatch):
     assert len(calls) == 2
 
 
+def test_admin_token_read_with_a_trailing_newline_matches(monkeypatch):
+    ingress = _ingress(monkeypatch, f"  {TOKEN}\n")  # as `$(cat token_file)` or a Secret
+    assert _verdict(ingress, f"Bearer {TOKEN}") is None
+    assert _verdict(ingress, f"Bearer {TOKEN}\n")[0] == 403
+
+
+@pytest.mark.parametrize("empty", ["", "  \n"])
+def test_an_empty_admin_token_leaves_the_admin_endpoints_disabled(monkeypatch, empty):
+    status, err = _verdict(_ingress(monkeypatch, empty), "Bearer ")
+    assert status == 403 and "disabled" in err["message"]
+
+
+def test_a_short_admin_token_is_refused_at_startup(monkeypatch, tmp_path, capsys):
+    short = "x" * (MIN_ADMIN_TOKEN_CHARS - 1)
+    monkeypatch.setenv("RFLOC_ADMIN_TOKEN", f"{short}\n")
+    monkeypatch.setenv("RFLOC_STATE_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="RFLOC_ADMIN_TOKEN") as info:
+        EnvSettings()
+    assert short not in str(info.value)  # a refused secret is not echoed into logs
+    assert rfloc_main(["serve"]) == 2  # before any registry or Ray is touched
+    err = capsys.readouterr().err
+    assert "cannot start" in err and f"at least {MIN_ADMIN_TOKEN_CHARS}" in err
+    assert short not in err and not any(tmp_path.iterdir())
+    monkeypatch.setenv("RFLOC_ADMIN_TOKEN", "x" * MIN_ADMIN_TOKEN_CHARS)
+    assert EnvSettings().admin_token.get_secret_value() == "x" * MIN_ADMIN_TOKEN_CHARS
+
+
 class _Audit:
     """Records code execution and unpickling audit events while armed (the hook stays)."""
 
@@ -129,8 +158,11 @@ def _hostile_path(network, good: dict) -> None:
             _loads(raw)
     cache = LocalLRUCache(4)
     key = cache_key("1", b"capture", 0.95)
+    entry = prediction_entry(version="1")
+    asyncio.run(cache.set(key, entry))
+    assert asyncio.run(cache.get(key, ("1", entry["model"]["sha256"]))) == entry
     asyncio.run(cache.set(key, {"result": {"x": 1}, "model": {"version": "1"}}))
-    assert asyncio.run(cache.get(key)) == {"result": {"x": 1}, "model": {"version": "1"}}
+    assert asyncio.run(cache.get(key)) is None  # not a prediction: a miss, never evaluated
 
 
 def test_nothing_a_client_or_the_cache_supplies_is_unpickled_or_evaluated(
