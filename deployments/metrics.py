@@ -315,7 +315,7 @@ class ModelMetrics(BatchMetrics):
         """Follow the manager's served version and reload counters (cheap; call often)."""
         current = manager.current
         if current is not None:
-            serving = (str(current.ref["version"]), str(current.ref["alias"]))
+            serving = (str(current.ref.version), str(current.ref.alias))
             if serving != self._serving:
                 with self._version_lock:
                     if self._serving is not None:  # reported once, then ages out

@@ -111,11 +111,12 @@ class InProcess:
     def __init__(self) -> None:
         from serve_app.model import OnnxLocalizer
         from serve_app.receivers import load_network
+        from serve_app.schemas import ModelRef
 
         self.network = load_network()
         self.model = OnnxLocalizer(REPO / "models" / "localization_model.onnx",
                                    self.network.ids)
-        self.ref = {"name": "localization_model", "version": "local", "alias": None}
+        self.ref = ModelRef(name="localization_model", version="local", alias=None)
 
     def answer(self, bodies: list[bytes], batch: bool) -> list[bytes]:
         """Decode every capture of `bodies`, run them as one vectorized group, encode answers."""
@@ -131,7 +132,7 @@ class InProcess:
         [g] = infer(preprocess([group], self.network), self.model, self.ref)
         postprocess(g, self.network)
         assert g.results is not None
-        return [orjson.dumps({**r, "model": self.ref, "timing_ms": g.timing_ms})
+        return [orjson.dumps({**r, "model": self.ref.model_dump(), "timing_ms": g.timing_ms})
                 for r in g.results]
 
 
@@ -243,6 +244,8 @@ def start_serve(tmp: Path, config: Path, extra_env: dict[str, str],
     port = free_port()
     cfg = yaml.safe_load(config.read_text())
     cfg["http_options"]["port"] = port
+    if "grpc_options" in cfg:
+        cfg["grpc_options"]["port"] = free_port()
     cfg_path = tmp / "serve_config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RFLOC_REDIS_URL")}

@@ -83,8 +83,9 @@ def test_model_and_postprocessor_chain(network, captures, app_args):
     assert info["model"]["version"] == "1" and info["reloads"]["success"] == 1
     assert max(int(k) for k in info["batch_sizes"]) > 1, info["batch_sizes"]
     for g in results:
-        assert g.model["version"] == "1" and g.model["alias"] == "production"
+        assert g.model.version == "1" and g.model.alias == "production"
         [res] = g.results
         direct = postprocess(g, network).results[0]
         assert res["position"] == direct["position"]
         assert res["geojson"]["features"][1]["geometry"]["type"] == "Polygon"
+
