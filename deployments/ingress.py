@@ -1,4 +1,4 @@
-"""Ingress: the HTTP front door over the service core, and the chain's handles."""
+"""Ingress: the HTTP and gRPC front doors over the service core, and the chain's handles."""
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI view needs the
 # routes' annotations (Request) as objects, or FastAPI takes `request` for a query field.
@@ -17,6 +17,7 @@ from deployments.api import ERRORS, app, body_schema, read_body, respond
 from deployments.chain import Chain
 from deployments.challenger import Challenger
 from deployments.metrics import IngressMetrics
+from deployments.oip import OpenInferenceProtocol
 from serve_app.cache import make_cache
 from serve_app.errors import InvalidInput
 from serve_app.lifecycle import AliasWatcher, make_registry
@@ -34,8 +35,8 @@ def _batching(cfg: IngressConfig) -> Batching:
 
 @serve.deployment
 @serve.ingress(app)
-class Ingress:
-    """The rfloc JSON API over one LocalizationService."""
+class Ingress(OpenInferenceProtocol):
+    """Front doors (rfloc JSON, OIP REST and gRPC) over one LocalizationService."""
 
     def __init__(self, preprocessor: DeploymentHandle, model: DeploymentHandle,
                  postprocessor: DeploymentHandle, args: dict) -> None:
