@@ -61,6 +61,7 @@ class Workload:
     captures_per_request: int
     concurrency: int
     results: dict[str, dict] = field(default_factory=dict)  # target → figures
+    extra: list[str] | None = None  # per body, extra header lines (OIP binary tensors)
 
 
 def machine() -> dict:
@@ -100,7 +101,32 @@ def build_workloads(n_single: int, n_pairs: int, n_batches: int, seed: int) -> l
         Workload("single iq pairs", "/predict",
                  [orjson.dumps({**r, "cache": False}) for r in pairs], 1, 8),
         Workload("batch 32 iq_b64", "/predict/batch", batches, BATCH_CAPTURES, 4),
+        oip_workload(make_samples(n_single, seed, form="b64")),
     ]
+
+
+def oip_workload(samples) -> Workload:  # noqa: ANN001 - serve_app.samples.Samples
+    """Single captures as Open Inference Protocol binary tensors (tritonclient's encoding)."""
+    import tritonclient.http as httpclient
+
+    from serve_app.receivers import load_network
+
+    ids = load_network().ids
+    bodies, extra = [], []
+    for i in range(len(samples.requests)):
+        present = samples.scenes.present[i]
+        rx = np.array([r if p else "" for r, p in zip(ids, present, strict=True)], object)
+        iq = np.ascontiguousarray(samples.iq[i].view(np.float32).reshape(len(ids), -1, 2))
+        inputs = [httpclient.InferInput("IQ", list(iq.shape), "FP32"),
+                  httpclient.InferInput("RECEIVER_IDS", list(rx.shape), "BYTES")]
+        inputs[0].set_data_from_numpy(iq)
+        inputs[1].set_data_from_numpy(rx)
+        body, header = httpclient.InferenceServerClient.generate_request_body(
+            inputs, parameters={"cache": False})
+        bodies.append(body)
+        extra.append(f"Inference-Header-Content-Length: {header}\r\n")
+    return Workload("single OIP binary", "/v2/models/localization_model/infer", bodies, 1, 16,
+                    extra=extra)
 
 
 # -- L ----------------------------------------------------------------------------------------
@@ -377,12 +403,13 @@ def saturate(w: Workload, port: int, warm_s: float, dur_s: float, root_pid: int)
     server's CPU time per capture (all its processes) is measured over all phases.
     """
     run(closed_loop(port, w.path, w.bodies, concurrency=w.concurrency, duration_s=warm_s,
-                    max_requests=100_000))
+                    max_requests=100_000, extra=w.extra))
     phases: list[LoadResult] = []
     c0 = tree_cpu(root_pid)
     for _ in range(SUB_PHASES):
         phases.append(run(closed_loop(port, w.path, w.bodies, concurrency=w.concurrency,
-                                      duration_s=dur_s / SUB_PHASES, max_requests=100_000)))
+                                      duration_s=dur_s / SUB_PHASES, max_requests=100_000,
+                                      extra=w.extra)))
     c1 = tree_cpu(root_pid)
     caps = sum(r.ok for r in phases) * w.captures_per_request
     by_proc = {k: 1e3 * (v - c0.get(k, 0.0)) / max(caps, 1) for k, v in c1.items()}
@@ -402,7 +429,8 @@ def saturate(w: Workload, port: int, warm_s: float, dur_s: float, root_pid: int)
 
 def at_rate(w: Workload, port: int, rate_rps: float, dur_s: float) -> LoadResult:
     """Latency at a fixed request rate (open loop)."""
-    return run(open_loop(port, w.path, w.bodies, rate_rps=rate_rps, duration_s=dur_s))
+    return run(open_loop(port, w.path, w.bodies, rate_rps=rate_rps, duration_s=dur_s,
+                         extra=w.extra))
 
 
 # -- offline batch ----------------------------------------------------------------------------
@@ -573,7 +601,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: short phases, few payloads")
     p.add_argument("--targets", default="LNS", help="subset of L, N, S to measure")
-    p.add_argument("--workloads", default="b64,pairs,batch")
+    p.add_argument("--workloads", default="b64,pairs,batch",
+                   help="comma-separated: b64, pairs, batch, oip (single capture, OIP binary)")
     p.add_argument("--config", type=Path, default=SHIPPED_CONFIG, help="serve config for S")
     p.add_argument("--code", type=Path, default=None,
                    help="run S from this checkout (e.g. a git worktree of an older commit)")
@@ -595,7 +624,7 @@ def main() -> int:
     mach = machine()
     print(f"machine: {mach}; load {loads['start']}", flush=True)
     n_single, n_pairs, n_batches = (16, 4, 2) if args.quick else (64, 16, 4)
-    keys = {"b64": 0, "pairs": 1, "batch": 2}
+    keys = {"b64": 0, "pairs": 1, "batch": 2, "oip": 3}
     all_w = build_workloads(n_single, n_pairs, n_batches, seed=21)
     workloads = [all_w[keys[k]] for k in args.workloads.split(",")]
     serve_env = dict(kv.split("=", 1) for kv in args.serve_env)
@@ -603,6 +632,8 @@ def main() -> int:
     if "L" in args.targets:
         core = InProcess()
         for w in workloads:
+            if w.extra is not None:  # L decodes JSON request bodies only
+                continue
             w.results["L"] = measure_l(w, core, args.duration, 30 if args.quick else 200)
             print(f"L {w.name}: {w.results['L']['captures_s']:.0f} captures/s", flush=True)
 

@@ -17,9 +17,10 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from serve_app.errors import DOMAIN_ERRORS
 from serve_app.model import OnnxLocalizer
 from serve_app.pipeline import CaptureGroup, Group, infer, postprocess, preprocess
-from serve_app.protocols import Answer, rest
+from serve_app.protocols import Answer, oip, rest
 from serve_app.receivers import load_network
 from serve_app.schemas import ModelRef
 from serve_app.service import LocalizationService
@@ -60,6 +61,17 @@ async def predict(request: Request) -> Response:
 async def predict_batch(request: Request) -> Response:
     """Localize several captures; a bad capture gets its own error entry."""
     return _respond(await rest.predict_batch(_service, _network, await request.body()))
+
+
+@app.post("/v2/models/{name}/infer")
+async def oip_infer(name: str, request: Request) -> Response:
+    """Localize over the Open Inference Protocol (REST: JSON or binary tensors)."""
+    try:
+        req = oip.parse_rest(await request.body(), request.headers.get(oip.HEADER_LENGTH))
+        tensors, version = await oip.infer(_service, _network, req, name, None)
+    except DOMAIN_ERRORS as exc:
+        return _respond(oip.error_answer(exc))
+    return _respond(oip.rest_answer(name, version, req, tensors))
 
 
 @app.get("/health")
