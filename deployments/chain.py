@@ -54,8 +54,8 @@ class Chain:
         with a 503.
         """
         model = self._model.options(multiplexed_model_id=pinned) if pinned else self._model
-        ref = self._watcher.ref
-        alias, version = self._watcher.alias, ref.version if ref else None
+        ref = self._watcher.ref  # one read: the alias and its version belong together
+        alias, version = (ref.alias, ref.version) if ref else (self._watcher.alias, None)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._args.chain_budget_s
         failures = 0
