@@ -161,6 +161,8 @@ def _check_shapes(t: dict[str, Tensor]) -> tuple[bool, int, int]:
     batched = len(iq) == 4
     lead = iq[:-2]
     n_batch, n_rows = (lead[0], lead[1]) if batched else (1, lead[0])
+    if n_batch < 1:
+        raise _bad("IQ", "holds no capture (batch dimension 0)")
     if not 1 <= n_rows <= MAX_RECEIVERS:
         raise _bad("IQ", f"must hold 1 to {MAX_RECEIVERS} receivers, got {n_rows}")
     for name in ("RECEIVER_IDS", "PRESENT"):
