@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from enum import Enum
 from typing import Any
 
 import orjson
@@ -24,6 +25,10 @@ from serve_app.protocols.oip_grpc import service_pb2 as pb
 
 _VERSION_DIGITS = 16  # like the JSON API's model_version
 READY_TIMEOUT_S = 5.0
+TAGS: list[str | Enum] = ["Open Inference Protocol"]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    c: {"model": oip.ErrorResponse} for c in (400, 404, 413, 422, 503)}
+NOT_READY: dict[int | str, dict[str, Any]] = {503: {"description": "Not ready."}}
 
 
 def _json(body: dict) -> Response:
@@ -77,29 +82,29 @@ class OpenInferenceProtocol:
 
     # -- REST -------------------------------------------------------------------------------------
 
-    @app.get("/v2/health/live", tags=["Open Inference Protocol"])
+    @app.get("/v2/health/live", tags=TAGS)
     async def oip_live(self) -> Response:
         """Liveness: the server answers."""
         return _json({"live": True})
 
-    @app.get("/v2/health/ready", tags=["Open Inference Protocol"])
+    @app.get("/v2/health/ready", tags=TAGS, responses=NOT_READY)
     async def oip_ready(self) -> Response:
         """Readiness: a model replica serves a model."""
         ready = await self._ready()
         return Response(orjson.dumps({"ready": ready}), status_code=200 if ready else 503,
                         media_type="application/json")
 
-    @app.get("/v2", tags=["Open Inference Protocol"])
+    @app.get("/v2", tags=TAGS)
     async def oip_server_metadata(self) -> Response:
         """Server metadata: name, protocol version, extensions."""
         return _json(oip.server_metadata())
 
-    @app.get("/v2/models/{name}", tags=["Open Inference Protocol"])
+    @app.get("/v2/models/{name}", tags=TAGS, responses=ERRORS)
     async def oip_model_metadata(self, name: str) -> Response:
         """Model metadata: the registry's versions and the input and output tensors."""
         return await self._metadata(name, None)
 
-    @app.get("/v2/models/{name}/versions/{version}", tags=["Open Inference Protocol"])
+    @app.get("/v2/models/{name}/versions/{version}", tags=TAGS, responses=ERRORS)
     async def oip_model_version_metadata(self, name: str, version: str) -> Response:
         """Model metadata of one registered version."""
         return await self._metadata(name, version)
@@ -111,12 +116,13 @@ class OpenInferenceProtocol:
             return respond(oip.error_answer(exc))
         return _json(oip.model_metadata(name, [version] if version else versions))
 
-    @app.get("/v2/models/{name}/ready", tags=["Open Inference Protocol"])
+    @app.get("/v2/models/{name}/ready", tags=TAGS, responses={**ERRORS, **NOT_READY})
     async def oip_model_ready(self, name: str) -> Response:
         """Model readiness (the alias's model is loaded)."""
         return await self._model_ready(name, None)
 
-    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["Open Inference Protocol"])
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=TAGS,
+             responses={**ERRORS, **NOT_READY})
     async def oip_model_version_ready(self, name: str, version: str) -> Response:
         """Version readiness: registered (pinned versions load on their first request)."""
         return await self._model_ready(name, version)
@@ -130,12 +136,12 @@ class OpenInferenceProtocol:
         return Response(orjson.dumps({"name": name, "ready": ready}),
                         status_code=200 if ready else 503, media_type="application/json")
 
-    @app.post("/v2/models/{name}/infer", tags=["Open Inference Protocol"])
+    @app.post("/v2/models/{name}/infer", tags=TAGS, responses=ERRORS)
     async def oip_infer(self, name: str, request: Request) -> Response:
         """Localize: IQ and RECEIVER_IDS in; POSITION, COVARIANCE_ENU, ELLIPSE, GEOJSON out."""
         return await self._rest_infer(name, None, request)
 
-    @app.post("/v2/models/{name}/versions/{version}/infer", tags=["Open Inference Protocol"])
+    @app.post("/v2/models/{name}/versions/{version}/infer", tags=TAGS, responses=ERRORS)
     async def oip_version_infer(self, name: str, version: str, request: Request) -> Response:
         """Infer on a pinned model version (like the JSON API's model_version)."""
         return await self._rest_infer(name, version, request)

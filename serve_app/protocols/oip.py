@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pydantic_core
+from pydantic import BaseModel, Field
 
 from serve_app.constants import CENTER_FREQ_HZ, DEFAULT_CONFIDENCE, N_SAMPLES, SAMPLE_RATE_HZ
 from serve_app.decode import decode_arrays
@@ -47,6 +48,12 @@ OUTPUTS = {"POSITION": ("FP64", [2]), "COVARIANCE_ENU": ("FP64", [2, 2]),
 PARAMETERS = {"sample_rate_hz": float, "center_freq_hz": float, "cache": bool}
 _NUMPY: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
                                      "BOOL": np.dtype("?")}
+
+
+class ErrorResponse(BaseModel):
+    """The protocol's error body: one message, starting with the tensor at fault."""
+
+    error: str = Field(description="e.g. \"RECEIVER_IDS[0]: unknown receiver 'x'; ...\"")
 
 
 @dataclass
