@@ -14,6 +14,7 @@ import orjson
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 
+from serve_app.errors import InvalidInput, http_error
 from serve_app.samples import make_samples
 
 SAMPLE_SEED = 15  # a typical scene: all seven receivers, an error near the median
@@ -56,8 +57,8 @@ def map_asset(name: str) -> Response:
     """The page's script and style sheet (a fixed list: no path from the request is opened)."""
     media_type = ASSET_TYPES.get(name)
     if media_type is None:
-        body = {"error": {"field": "name", "message": f"no asset {name!r}", "status": 404}}
-        return Response(orjson.dumps(body), status_code=404, media_type="application/json")
+        status, body, _ = http_error(InvalidInput("name", f"no asset {name!r}", 404))
+        return Response(orjson.dumps(body), status_code=status, media_type="application/json")
     return Response(_static(name), media_type=media_type, headers=NO_CACHE)
 
 

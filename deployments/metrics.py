@@ -52,13 +52,14 @@ METRICS: dict[str, MetricSpec] = {
     "rfloc_requests": MetricSpec(
         "counter",
         ("endpoint", "status"),
-        "HTTP requests answered by the ingress, by route template and status code.",
+        "Requests answered by the ingress (HTTP, and gRPC infers), by route and status code.",
     ),
     "rfloc_stage_latency_ms": MetricSpec(
         "histogram",
         ("stage",),
         "Latency of a pipeline stage in ms: preprocess/inference per batch, postprocess per "
-        "request group, total per /predict or /predict/batch request in the ingress.",
+        "request group, total per /predict, /predict/batch or OIP infer request (REST or "
+        "gRPC) in the ingress.",
         LATENCY_BUCKETS_MS,
     ),
     "rfloc_batch_size": MetricSpec(
@@ -141,7 +142,9 @@ def make_metric(name: str) -> Any:
 
 # -- ingress -------------------------------------------------------------------------------
 
-PREDICT_ROUTES = ("/predict", "/predict/batch")
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"  # the endpoint of gRPC infers
+PREDICT_ROUTES = ("/predict", "/predict/batch", "/v2/models/{name}/infer",
+                  "/v2/models/{name}/versions/{version}/infer", GRPC_INFER)
 
 
 class IngressMetrics:
@@ -317,7 +320,7 @@ class ModelMetrics(BatchMetrics):
         """Follow the manager's served version and reload counters (cheap; call often)."""
         current = manager.current
         if current is not None:
-            serving = (str(current.ref["version"]), str(current.ref["alias"]))
+            serving = (str(current.ref.version), str(current.ref.alias))
             if serving != self._serving:
                 with self._version_lock:
                     if self._serving is not None:  # reported once, then ages out

@@ -41,21 +41,13 @@ class LocalizationModel:
         self._config = cfg
         self.infer_batch.set_max_batch_size(cfg.max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self._manager._max_pinned = cfg.max_pinned_versions
+        self._manager.configure(cfg.max_pinned_versions)
 
     async def _follow(self, alias: str, version: str | None) -> None:
         """Refresh when the ingress saw the alias move (once per new target)."""
-        cur = self._manager.current
-        if version is None or (cur and cur.ref["version"] == version and cur.ref["alias"] == alias):
-            return
-        refused = self._manager.last_refusal
-        if refused and refused["version"] == version and alias == self._manager.alias:
-            return
-        async with self._refresh_lock:
-            cur = self._manager.current
-            if cur and cur.ref["version"] == version and cur.ref["alias"] == alias:
-                return
-            await asyncio.to_thread(self._manager.refresh, alias)
+        if self._manager.wants(alias, version):
+            async with self._refresh_lock:
+                await asyncio.to_thread(self._manager.follow, alias, version)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=n_captures)
     async def infer_batch(self, groups: list[Group]) -> list[Group]:

@@ -61,6 +61,7 @@ class Workload:
     captures_per_request: int
     concurrency: int
     results: dict[str, dict] = field(default_factory=dict)  # target → figures
+    extra: list[str] | None = None  # per body, extra header lines (OIP binary tensors)
 
 
 def machine() -> dict:
@@ -100,7 +101,32 @@ def build_workloads(n_single: int, n_pairs: int, n_batches: int, seed: int) -> l
         Workload("single iq pairs", "/predict",
                  [orjson.dumps({**r, "cache": False}) for r in pairs], 1, 8),
         Workload("batch 32 iq_b64", "/predict/batch", batches, BATCH_CAPTURES, 4),
+        oip_workload(make_samples(n_single, seed, form="b64")),
     ]
+
+
+def oip_workload(samples) -> Workload:  # noqa: ANN001 - serve_app.samples.Samples
+    """Single captures as Open Inference Protocol binary tensors (tritonclient's encoding)."""
+    import tritonclient.http as httpclient
+
+    from serve_app.receivers import load_network
+
+    ids = load_network().ids
+    bodies, extra = [], []
+    for i in range(len(samples.requests)):
+        present = samples.scenes.present[i]
+        rx = np.array([r if p else "" for r, p in zip(ids, present, strict=True)], object)
+        iq = np.ascontiguousarray(samples.iq[i].view(np.float32).reshape(len(ids), -1, 2))
+        inputs = [httpclient.InferInput("IQ", list(iq.shape), "FP32"),
+                  httpclient.InferInput("RECEIVER_IDS", list(rx.shape), "BYTES")]
+        inputs[0].set_data_from_numpy(iq)
+        inputs[1].set_data_from_numpy(rx)
+        body, header = httpclient.InferenceServerClient.generate_request_body(
+            inputs, parameters={"cache": False})
+        bodies.append(body)
+        extra.append(f"Inference-Header-Content-Length: {header}\r\n")
+    return Workload("single OIP binary", "/v2/models/localization_model/infer", bodies, 1, 16,
+                    extra=extra)
 
 
 # -- L ----------------------------------------------------------------------------------------
@@ -111,11 +137,12 @@ class InProcess:
     def __init__(self) -> None:
         from serve_app.model import OnnxLocalizer
         from serve_app.receivers import load_network
+        from serve_app.schemas import ModelRef
 
         self.network = load_network()
         self.model = OnnxLocalizer(REPO / "models" / "localization_model.onnx",
                                    self.network.ids)
-        self.ref = {"name": "localization_model", "version": "local", "alias": None}
+        self.ref = ModelRef(name="localization_model", version="local", alias=None)
 
     def answer(self, bodies: list[bytes], batch: bool) -> list[bytes]:
         """Decode every capture of `bodies`, run them as one vectorized group, encode answers."""
@@ -131,22 +158,49 @@ class InProcess:
         [g] = infer(preprocess([group], self.network), self.model, self.ref)
         postprocess(g, self.network)
         assert g.results is not None
-        return [orjson.dumps({**r, "model": self.ref, "timing_ms": g.timing_ms})
+        return [orjson.dumps({**r, "model": self.ref.model_dump(), "timing_ms": g.timing_ms})
                 for r in g.results]
+
+    def answer_oip(self, bodies: list[bytes], extra: list[str]) -> list[bytes]:
+        """The same for OIP binary bodies: tensors in, each answer's binary tensors out."""
+        from serve_app.pipeline import infer, postprocess, preprocess, stack_captures
+        from serve_app.protocols import oip
+        from serve_app.service import Outcome
+
+        reqs = [oip.parse_rest(b, x.split(":", 1)[1].strip())
+                for b, x in zip(bodies, extra, strict=True)]
+        caps = [c for r in reqs for c in oip.to_captures(r, self.network)[0]]
+        group = stack_captures([(c.decoded.iq, c.decoded.slots) for c in caps],
+                               len(self.network), [c.confidence_level for c in caps])
+        [g] = infer(preprocess([group], self.network), self.model, self.ref)
+        postprocess(g, self.network)
+        assert g.results is not None
+        model = self.ref.model_dump()
+        return [oip.rest_answer("localization_model", "local", req, oip.output_tensors(
+                    [Outcome(result={**r, "model": model})], False)).body
+                for req, r in zip(reqs, g.results, strict=True)]
 
 
 def measure_l(w: Workload, core: InProcess, duration_s: float, n_latency: int) -> dict:
     """Captures/s vectorized over L_PASS_CAPTURES captures, and single-request latency."""
     batch = w.captures_per_request > 1
     per_pass = max(1, L_PASS_CAPTURES // w.captures_per_request)
-    passes = [w.bodies[(i * per_pass) % len(w.bodies):][:per_pass]
-              for i in range(max(1, len(w.bodies) // per_pass))]
-    core.answer(passes[0], batch)  # warm-up
+    items = list(range(len(w.bodies)))
+    passes = [items[(i * per_pass) % len(items):][:per_pass]
+              for i in range(max(1, len(items) // per_pass))]
+
+    def answer(idx: list[int]) -> list[bytes]:
+        bodies = [w.bodies[i] for i in idx]
+        if w.extra is not None:
+            return core.answer_oip(bodies, [w.extra[i] for i in idx])
+        return core.answer(bodies, batch)
+
+    answer(passes[0])  # warm-up
     rates, cpu_s, caps = [], 0.0, 0
     for _ in range(SUB_PHASES):
         done, t0, c0, i = 0, time.perf_counter(), time.process_time(), 0
         while time.perf_counter() - t0 < duration_s / SUB_PHASES or i == 0:
-            done += len(core.answer(passes[i % len(passes)], batch))
+            done += len(answer(passes[i % len(passes)]))
             i += 1
         rates.append(done / (time.perf_counter() - t0))
         cpu_s += time.process_time() - c0
@@ -155,7 +209,7 @@ def measure_l(w: Workload, core: InProcess, duration_s: float, n_latency: int) -
     lat = []
     for k in range(n_latency):
         t = time.perf_counter()
-        core.answer([w.bodies[k % len(w.bodies)]], batch)
+        answer([k % len(w.bodies)])
         lat.append(time.perf_counter() - t)
     return {"captures_s": rate, "sub_phases": rates, "cpu_ms_per_capture": 1e3 * cpu_s / caps,
             "p50_ms": float(np.percentile(lat, 50) * 1e3),
@@ -243,6 +297,8 @@ def start_serve(tmp: Path, config: Path, extra_env: dict[str, str],
     port = free_port()
     cfg = yaml.safe_load(config.read_text())
     cfg["http_options"]["port"] = port
+    if "grpc_options" in cfg:
+        cfg["grpc_options"]["port"] = free_port()
     cfg_path = tmp / "serve_config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RFLOC_REDIS_URL")}
@@ -374,12 +430,13 @@ def saturate(w: Workload, port: int, warm_s: float, dur_s: float, root_pid: int)
     server's CPU time per capture (all its processes) is measured over all phases.
     """
     run(closed_loop(port, w.path, w.bodies, concurrency=w.concurrency, duration_s=warm_s,
-                    max_requests=100_000))
+                    max_requests=100_000, extra=w.extra))
     phases: list[LoadResult] = []
     c0 = tree_cpu(root_pid)
     for _ in range(SUB_PHASES):
         phases.append(run(closed_loop(port, w.path, w.bodies, concurrency=w.concurrency,
-                                      duration_s=dur_s / SUB_PHASES, max_requests=100_000)))
+                                      duration_s=dur_s / SUB_PHASES, max_requests=100_000,
+                                      extra=w.extra)))
     c1 = tree_cpu(root_pid)
     caps = sum(r.ok for r in phases) * w.captures_per_request
     by_proc = {k: 1e3 * (v - c0.get(k, 0.0)) / max(caps, 1) for k, v in c1.items()}
@@ -399,7 +456,8 @@ def saturate(w: Workload, port: int, warm_s: float, dur_s: float, root_pid: int)
 
 def at_rate(w: Workload, port: int, rate_rps: float, dur_s: float) -> LoadResult:
     """Latency at a fixed request rate (open loop)."""
-    return run(open_loop(port, w.path, w.bodies, rate_rps=rate_rps, duration_s=dur_s))
+    return run(open_loop(port, w.path, w.bodies, rate_rps=rate_rps, duration_s=dur_s,
+                         extra=w.extra))
 
 
 # -- offline batch ----------------------------------------------------------------------------
@@ -509,8 +567,9 @@ def report(args: argparse.Namespace, mach: dict, workloads: list[Workload], rss:
         f"{mach['kernel']}, Python {mach['python']}, Ray {mach['ray']}. Load average "
         f"(1/5/15 min) at start {loads['start']}, before S {loads['before_s']}, at end "
         f"{loads['end']} — the machine is shared, other engineers' tests run beside it.", "",
-        f"- **L**: the in-process limit — JSON parse, base64/pairs decode, features, ONNX, "
-        f"postprocess (ellipse + GeoJSON) and the JSON answer, vectorized over "
+        f"- **L**: the in-process limit — JSON parse, base64/pairs decode (OIP: the binary "
+        f"tensors), features, ONNX, postprocess (ellipse + GeoJSON) and the answer, "
+        f"vectorized over "
         f"{L_PASS_CAPTURES} captures, one process, no HTTP ({args.duration:g} s). "
         f"Its latency is one request processed alone.",
         "- **N**: `python load/naive_app.py` (FastAPI, uvicorn, 1 worker, the same core per "
@@ -528,7 +587,10 @@ def report(args: argparse.Namespace, mach: dict, workloads: list[Workload], rss:
         f"saturated request rate (the same rate for both), {args.duration:g} s, "
         "measured from each request's scheduled send time.",
         "- Payloads: standard captures (7 receivers × 4,800 samples) from the simulator, "
-        "`\"cache\": false` (every request runs the whole chain).", "",
+        "`\"cache\": false` (every request runs the whole chain). OIP binary: the Open "
+        "Inference Protocol's REST infer with `IQ` and `RECEIVER_IDS` as binary tensors "
+        "(tritonclient's encoding, 269 kB a capture instead of 359 kB of JSON with `iq_b64`), "
+        "binary outputs; N serves it through the same front door.", "",
         table(workloads),
     ]
     errs = [f"{w.name} {t}: {w.results[t].get('non_200')}, conn errors "
@@ -570,7 +632,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: short phases, few payloads")
     p.add_argument("--targets", default="LNS", help="subset of L, N, S to measure")
-    p.add_argument("--workloads", default="b64,pairs,batch")
+    p.add_argument("--workloads", default="b64,oip,pairs,batch",
+                   help="comma-separated: b64, oip (single capture, OIP binary tensors), "
+                        "pairs, batch")
     p.add_argument("--config", type=Path, default=SHIPPED_CONFIG, help="serve config for S")
     p.add_argument("--code", type=Path, default=None,
                    help="run S from this checkout (e.g. a git worktree of an older commit)")
@@ -592,7 +656,7 @@ def main() -> int:
     mach = machine()
     print(f"machine: {mach}; load {loads['start']}", flush=True)
     n_single, n_pairs, n_batches = (16, 4, 2) if args.quick else (64, 16, 4)
-    keys = {"b64": 0, "pairs": 1, "batch": 2}
+    keys = {"b64": 0, "pairs": 1, "batch": 2, "oip": 3}
     all_w = build_workloads(n_single, n_pairs, n_batches, seed=21)
     workloads = [all_w[keys[k]] for k in args.workloads.split(",")]
     serve_env = dict(kv.split("=", 1) for kv in args.serve_env)

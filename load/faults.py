@@ -308,7 +308,7 @@ def deploy(cfg: dict) -> None:
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    client = serve_start(http_options=cfg["http_options"],
+    client = serve_start(http_options=cfg["http_options"], grpc_options=cfg.get("grpc_options"),
                          proxy_location=cfg.get("proxy_location"))
     client.deploy_apps(ServeDeploySchema.model_validate(cfg))
 

@@ -87,10 +87,11 @@ class _Conn:
         return status
 
 
-def request_head(port: int, path: str, body_len: int) -> bytes:
-    """The request line and headers of a JSON POST."""
+def request_head(port: int, path: str, body_len: int, extra: str = "") -> bytes:
+    """The request line and headers of a JSON POST; `extra`: more header lines (CRLF-ended)."""
     return (f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {body_len}\r\n\r\n").encode()
+            f"Content-Type: application/json\r\nContent-Length: {body_len}\r\n{extra}"
+            "\r\n").encode()
 
 
 async def _one(conn: _Conn, head: bytes, body: bytes, res: LoadResult, t_ref: float,
@@ -109,10 +110,14 @@ async def _one(conn: _Conn, head: bytes, body: bytes, res: LoadResult, t_ref: fl
 
 
 async def closed_loop(port: int, path: str, bodies: list[bytes], *, concurrency: int,
-                      duration_s: float, max_requests: int, timeout_s: float = 30.0
-                      ) -> LoadResult:
-    """`concurrency` connections each sending back to back until the duration or count ends."""
-    heads = [request_head(port, path, len(b)) for b in bodies]
+                      duration_s: float, max_requests: int, timeout_s: float = 30.0,
+                      extra: list[str] | None = None) -> LoadResult:
+    """`concurrency` connections each sending back to back until the duration or count ends.
+
+    `extra`: per body, header lines to add (e.g. Inference-Header-Content-Length).
+    """
+    heads = [request_head(port, path, len(b), x)
+             for b, x in zip(bodies, extra or [""] * len(bodies), strict=True)]
     res = LoadResult()
     counter = iter(range(max_requests))
     t0 = time.perf_counter()
@@ -135,10 +140,11 @@ async def closed_loop(port: int, path: str, bodies: list[bytes], *, concurrency:
 
 
 async def open_loop(port: int, path: str, bodies: list[bytes], *, rate_rps: float,
-                    duration_s: float, max_connections: int = 64, timeout_s: float = 30.0
-                    ) -> LoadResult:
+                    duration_s: float, max_connections: int = 64, timeout_s: float = 30.0,
+                    extra: list[str] | None = None) -> LoadResult:
     """Requests sent at fixed times (rate_rps) over a pool of keep-alive connections."""
-    heads = [request_head(port, path, len(b)) for b in bodies]
+    heads = [request_head(port, path, len(b), x)
+             for b, x in zip(bodies, extra or [""] * len(bodies), strict=True)]
     res = LoadResult()
     idle: list[_Conn] = []
     sem = asyncio.Semaphore(max_connections)

@@ -84,6 +84,7 @@ def _start_cluster(state: Path, token: str) -> tuple[str, dict]:
              logging_level="warning", log_to_driver=False)
     cfg = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
     cfg["http_options"]["port"] = faults.free_port()
+    cfg["grpc_options"]["port"] = faults.free_port()
     faults.deploy(cfg)
     url = f"http://127.0.0.1:{cfg['http_options']['port']}"
     faults.wait_http(url + "/health", timeout_s=300)
@@ -212,6 +213,7 @@ def phase_multinode(args: argparse.Namespace, errors: list[str]) -> dict:
         cluster.start()
         cfg = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
         cfg["http_options"]["port"] = faults.free_port()
+        cfg["grpc_options"]["port"] = faults.free_port()
         (tmp / "serve_config.yaml").write_text(yaml.safe_dump(cfg))
         p = cluster.serve("deploy", str(tmp / "serve_config.yaml"))
         if p.returncode:

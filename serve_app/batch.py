@@ -28,6 +28,7 @@ from serve_app.errors import InvalidInput
 from serve_app.model import OnnxLocalizer
 from serve_app.pipeline import CaptureGroup, infer, postprocess, preprocess
 from serve_app.receivers import ReceiverNetwork, load_network
+from serve_app.schemas import ModelRef
 from serve_app.settings import DEFAULT_MODEL_DIR
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ class BatchPredictor:
                  confidence_level: float = DEFAULT_CONFIDENCE, n_vertices: int = 64) -> None:
         self._network = load_network(receivers_path)
         self._model = OnnxLocalizer(model_path or DEFAULT_MODEL_PATH, self._network.ids)
-        self._ref = {"name": Path(self._model.path).stem, "version": self._model.sha256[:12],
-                     "alias": None}
+        self._ref = ModelRef(name=Path(self._model.path).stem,
+                             version=self._model.sha256[:12])
         self._confidence = confidence_level
         self._n_vertices = n_vertices
 

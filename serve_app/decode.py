@@ -411,6 +411,30 @@ def decode_capture(
     )
 
 
+def decode_arrays(
+    iq: np.ndarray,
+    receiver_ids: Sequence[str],
+    network: ReceiverNetwork,
+    *,
+    sample_rate_hz: float = SAMPLE_RATE_HZ,
+    center_freq_hz: float = float(CENTER_FREQ_HZ),
+    confidence_level: float = DEFAULT_CONFIDENCE,
+    max_abs: float = 1e6,
+) -> DecodedCapture:
+    """Validate a capture that arrives as arrays (IQ [R, S] complex64 and R receiver ids).
+
+    The checks are `decode_capture`'s; errors name ``receivers[i].id``, ``receivers[i].iq``,
+    ``receivers``, ``sample_rate_hz`` … as if the rows had come as a JSON request.
+    """
+    receivers: list[_RawReceiver] = [(rid, iq[i], None, "complex64")
+                                     for i, rid in enumerate(receiver_ids)]
+    slots = _check_receivers(receivers, network)
+    _check_scalars(sample_rate_hz, center_freq_hz, confidence_level, network, SAMPLE_RATE_HZ)
+    _check_values(iq, receivers, max_abs)
+    return DecodedCapture(iq=iq, receiver_ids=list(receiver_ids), slots=slots,
+                          sample_rate_hz=sample_rate_hz, center_freq_hz=center_freq_hz)
+
+
 def iq_to_b64(row: np.ndarray, dtype: Literal["complex64", "int16"] = "complex64") -> str:
     """Base64 of one receiver's IQ as little-endian complex64 or interleaved int16 I,Q."""
     arr = np.asarray(row, np.complex64)

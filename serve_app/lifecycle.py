@@ -16,6 +16,7 @@ from serve_app.errors import ModelError, RegistryUnavailable
 from serve_app.evaluate import GOLDEN_FILENAME
 from serve_app.model import OnnxLocalizer
 from serve_app.registry import ModelRegistry, embedded_uris, ensure_bootstrapped
+from serve_app.schemas import ModelRef
 from serve_app.settings import AppArgs, EnvSettings
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class LoadedModel:
     """A validated model and where it came from."""
 
     localizer: OnnxLocalizer
-    ref: dict  # {"name", "version", "alias", "sha256"}
+    ref: ModelRef
 
 
 class ModelManager:
@@ -83,8 +84,33 @@ class ModelManager:
         resolved = self._registry.resolve(alias_or_version)
         localizer = OnnxLocalizer(resolved.onnx_path, self._receiver_ids, resolved.sha256)
         localizer.validate(self._golden)
-        return LoadedModel(localizer, {"name": resolved.name, "version": resolved.version,
-                                       "alias": alias, "sha256": resolved.sha256})
+        return LoadedModel(localizer, ModelRef(name=resolved.name, version=resolved.version,
+                                               alias=alias, sha256=resolved.sha256))
+
+    def configure(self, max_pinned: int) -> None:
+        """Apply the replica's user_config: how many pinned versions stay loaded."""
+        with self._lock:
+            self._max_pinned = max_pinned
+            while len(self._pinned) > self._max_pinned:
+                self._pinned.popitem(last=False)
+
+    def wants(self, alias: str, version: str | None) -> bool:
+        """Whether the ingress's view (`alias` names `version`) asks for a refresh.
+
+        Cheap, for the event loop: no when this replica serves that version for that
+        alias already, or refused exactly that version last time.
+        """
+        cur = self.current
+        if version is None or (cur and cur.ref.version == version and cur.ref.alias == alias):
+            return False
+        refused = self.last_refusal
+        return not (refused and refused["version"] == version and alias == self.alias)
+
+    def follow(self, alias: str, version: str | None) -> str:
+        """Refresh if `wants(alias, version)` (call serialized): `refresh`'s outcome."""
+        if not self.wants(alias, version):
+            return "unchanged"
+        return self.refresh(alias)
 
     def refresh(self, alias: str | None = None) -> str:
         """Load the alias's version if it changed: 'unchanged', 'swapped', 'refused' or 'degraded'.
@@ -102,7 +128,7 @@ class ModelManager:
             if self.current is None:
                 raise
             logger.warning("registry unreachable, keeping version %s: %s",
-                           self.current.ref["version"], exc)
+                           self.current.ref.version, exc)
             return "degraded"
         finally:
             self.last_check_s = time.time()
@@ -112,8 +138,8 @@ class ModelManager:
                 raise ModelError(msg)
             self._refuse(None, msg)
             return "refused"
-        if self.current is not None and self.current.ref["version"] == version \
-                and self.current.ref["alias"] == self.alias:
+        if self.current is not None and self.current.ref.version == version \
+                and self.current.ref.alias == self.alias:
             return "unchanged"
         try:
             candidate = self._load(version, self.alias)
@@ -125,7 +151,7 @@ class ModelManager:
         with self._lock:
             self.current = candidate
         self.reloads["success"] += 1
-        logger.info("serving %s version %s (alias %s)", candidate.ref["name"], version, self.alias)
+        logger.info("serving %s version %s (alias %s)", candidate.ref.name, version, self.alias)
         return "swapped"
 
     def _refuse(self, version: str | None, reason: str) -> None:
@@ -135,7 +161,7 @@ class ModelManager:
 
     def pinned(self, version: str) -> LoadedModel:
         """A specific version, loaded on demand and kept in a bounded LRU."""
-        if self.current is not None and self.current.ref["version"] == version:
+        if self.current is not None and self.current.ref.version == version:
             return self.current
         with self._lock:
             hit = self._pinned.get(version)
@@ -153,7 +179,7 @@ class ModelManager:
         """What the replica serves, for /model/info and /health."""
         cur = self.current
         return {
-            "model": cur.ref if cur else None,
+            "model": cur.ref.model_dump() if cur else None,
             "sha256": cur.localizer.sha256 if cur else None,
             "metadata": cur.localizer.metadata if cur else None,
             "alias": self.alias,
@@ -163,3 +189,48 @@ class ModelManager:
             "reloads": dict(self.reloads),
             "pinned_versions": list(self._pinned),
         }
+
+
+class AliasWatcher:
+    """The ingress's view of the alias: the `ModelRef` it names now, swapped whole.
+
+    `ref.version` tells the model replicas which version to follow; with `ref.sha256` it
+    is the identity the prediction cache keys on. `versions` are the registered version
+    numbers (newest first), refreshed with the alias.
+    """
+
+    def __init__(self, registry: ModelRegistry, alias: str) -> None:
+        self._registry = registry
+        self.alias = alias
+        self.ref: ModelRef | None = None
+        self.versions: tuple[str, ...] = ()
+        self.registry_ok = True
+
+    def configure(self, alias: str) -> bool:
+        """Follow `alias` from now on; whether it changed."""
+        changed = alias != self.alias
+        self.alias = alias
+        return changed
+
+    def check(self) -> None:
+        """Resolve the alias now; an unreachable registry keeps the last answer."""
+        alias = self.alias
+        try:
+            version = self._registry.get_alias(alias)
+            ref = self.ref
+            if version is None:
+                ref = None
+            elif ref is None or (ref.version, ref.alias) != (version, alias) or ref.sha256 is None:
+                # A registry recreated from scratch reuses version numbers: the file's hash
+                # keeps an old model's cached answers from passing for the new one's.
+                ref = ModelRef(name=self._registry.model_name, version=version, alias=alias,
+                               sha256=self._registry.version_sha256(version))
+            self.versions = tuple(self._registry.version_numbers())
+            self.ref = ref
+            if not self.registry_ok:
+                logger.info("registry reachable again")
+            self.registry_ok = True
+        except RegistryUnavailable as exc:
+            if self.registry_ok:
+                logger.warning("registry unreachable: %s", exc)
+            self.registry_ok = False

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serve_app.constants import MIN_RECEIVERS
+from serve_app.errors import error_dict
 from serve_app.features import extract_features
 from serve_app.model import OnnxLocalizer
 from serve_app.receivers import ReceiverNetwork
+from serve_app.schemas import ModelRef
 from serve_app.uncertainty import ellipse_from_cov, geojson_feature_collection
 
 
@@ -43,7 +45,7 @@ class Group:
     timing_ms: dict[str, float] = field(default_factory=dict)
     mean_enu_m: np.ndarray | None = None  # [k, 2]
     cov_enu_m2: np.ndarray | None = None  # [k, 2, 2]
-    model: dict | None = None  # {"name", "version", "alias"}
+    model: ModelRef | None = None  # the model that ran the group
     results: list[dict | None] | None = None
 
     def __len__(self) -> int:
@@ -105,12 +107,10 @@ def preprocess(groups: list[CaptureGroup], network: ReceiverNetwork) -> list[Gro
         sl = slice(start, start + len(g))
         start += len(g)
         errors: list[dict | None] = [
-            None if n >= MIN_RECEIVERS else {
-                "field": "receivers",
-                "message": f"only {int(n)} receiver(s) detected a signal (in-channel SNR "
-                           f">= 3 dB); at least {MIN_RECEIVERS} are needed to localize",
-                "status": 422,
-            }
+            None if n >= MIN_RECEIVERS else error_dict(
+                "receivers",
+                f"only {int(n)} receiver(s) detected a signal (in-channel SNR >= 3 dB); at "
+                f"least {MIN_RECEIVERS} are needed to localize", 422)
             for n in n_det[sl]
         ]
         out.append(Group(x[sl], feats.detected[sl], g.confidence_level, errors,
@@ -118,7 +118,7 @@ def preprocess(groups: list[CaptureGroup], network: ReceiverNetwork) -> list[Gro
     return out
 
 
-def infer(groups: list[Group], model: OnnxLocalizer, model_ref: dict) -> list[Group]:
+def infer(groups: list[Group], model: OnnxLocalizer, model_ref: ModelRef) -> list[Group]:
     """Run the model once over the good items of several groups."""
     t0 = time.perf_counter()
     oks = [g.ok for g in groups]
@@ -136,7 +136,7 @@ def infer(groups: list[Group], model: OnnxLocalizer, model_ref: dict) -> list[Gr
         g.mean_enu_m[ok] = mean[start : start + n]
         g.cov_enu_m2[ok] = cov[start : start + n]
         start += n
-        g.model = dict(model_ref)
+        g.model = model_ref
         g.timing_ms["inference"] = ms
     return groups
 
@@ -154,8 +154,7 @@ def postprocess(group: Group, network: ReceiverNetwork, n_vertices: int = 64) ->
         try:
             ell = ellipse_from_cov(group.cov_enu_m2[i], float(group.confidence_level[i]))
         except ValueError as exc:
-            group.errors[i] = {"field": None, "message": f"model output rejected: {exc}",
-                               "status": 503}
+            group.errors[i] = error_dict(None, f"model output rejected: {exc}", 503)
             results.append(None)
             continue
         la, lo = float(lat[i]), float(lon[i])

@@ -312,6 +312,17 @@ class ModelRegistry:
 
     # -- listing -------------------------------------------------------------------------
 
+    def version_numbers(self) -> list[str]:
+        """The registered version numbers, newest first (one registry call)."""
+        with self._guard(f"listing versions of {self.model_name!r}"):
+            try:
+                found = self._client.search_model_versions(f"name='{self.model_name}'")
+            except MlflowException as exc:
+                if exc.error_code in _CLIENT_ERRORS:
+                    return []
+                raise
+        return [str(v) for v in sorted((int(mv.version) for mv in found), reverse=True)]
+
     def versions(self) -> list[dict]:
         """All versions, newest first: version, aliases, created, sha256, accuracy, description."""
         with self._guard(f"listing versions of {self.model_name!r}"):

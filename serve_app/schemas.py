@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from serve_app.constants import CENTER_FREQ_HZ, DEFAULT_CONFIDENCE, N_SAMPLES, SAMPLE_RATE_HZ
-from serve_app.errors import InvalidInput
 
 MAX_RECEIVERS = 32
 MAX_BATCH_CAPTURES = 64
@@ -159,9 +158,12 @@ class Uncertainty(BaseModel):
 
 
 class ModelRef(BaseModel):
-    """The registered model that produced a result."""
+    """The registered model that produced a result: the service's one model identity.
 
-    model_config = ConfigDict(protected_namespaces=())
+    Frozen: a holder swaps a whole new ref, so readers never see half of an update.
+    """
+
+    model_config = ConfigDict(protected_namespaces=(), frozen=True)
 
     name: str
     version: str
@@ -175,11 +177,6 @@ class ErrorBody(BaseModel):
     field: str | None = Field(default=None, description="Dotted path, e.g. receivers[2].iq_b64.")
     message: str
     status: int
-
-    @classmethod
-    def from_invalid(cls, exc: InvalidInput) -> ErrorBody:
-        """The error body of an `InvalidInput`."""
-        return cls(field=exc.field, message=exc.message, status=exc.status_code)
 
 
 class ErrorResponse(BaseModel):

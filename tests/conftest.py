@@ -74,10 +74,11 @@ def ray_cluster(tmp_path_factory):
                 os.environ[k] = v
 
 
-def shipped_config(port: int) -> dict:
-    """The shipped serve config with its HTTP port moved."""
+def shipped_config(port: int, grpc_port: int | None = None) -> dict:
+    """The shipped serve config with its HTTP port moved, and its gRPC port (9000) too."""
     cfg = yaml.safe_load(SHIPPED_CONFIG.read_text())
     cfg["http_options"]["port"] = port
+    cfg["grpc_options"]["port"] = grpc_port or free_port()
     return cfg
 
 
@@ -90,6 +91,17 @@ def app_url(ray_cluster):
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health")
     yield url
+
+
+@pytest.fixture(scope="session")
+def app_grpc(app_url) -> str:
+    """host:port of the session's gRPC proxy (the first serve config's port: Serve keeps it)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    config = ray.get(_get_global_client()._controller.get_grpc_config.remote())
+    assert config.grpc_servicer_functions, "Serve started without the shipped grpc_options"
+    return f"127.0.0.1:{config.port}"
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,6 @@ from serve_app.schemas import (
     MAX_RECEIVERS,
     BatchRequest,
     CaptureRequest,
-    ErrorBody,
     ErrorResponse,
     PredictResponse,
     Uncertainty,
@@ -528,9 +527,12 @@ def test_response_models_round_trip() -> None:
     assert "clockwise from north" in (Uncertainty.model_fields["orientation_deg"].description or "")
 
 
-def test_error_body_from_invalid() -> None:
-    body = ErrorBody.from_invalid(InvalidInput("receivers[1].id", "unknown receiver 'x'"))
-    assert ErrorResponse(error=body).model_dump() == {
+def test_http_error_of_invalid_input_matches_the_schema() -> None:
+    from serve_app.errors import http_error
+
+    status, body, headers = http_error(InvalidInput("receivers[1].id", "unknown receiver 'x'"))
+    assert status == 422 and headers == {}
+    assert ErrorResponse.model_validate(body).model_dump() == body == {
         "error": {"field": "receivers[1].id", "message": "unknown receiver 'x'", "status": 422}
     }
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 from ray import serve
 
 from serve_app.lifecycle import bootstrap
-from serve_app.pipeline import postprocess, preprocess, stack_captures
+from serve_app.pipeline import infer, postprocess, preprocess, stack_captures
 from serve_app.samples import make_samples
 from serve_app.settings import AppArgs, EnvSettings
 
@@ -83,8 +84,75 @@ def test_model_and_postprocessor_chain(network, captures, app_args):
     assert info["model"]["version"] == "1" and info["reloads"]["success"] == 1
     assert max(int(k) for k in info["batch_sizes"]) > 1, info["batch_sizes"]
     for g in results:
-        assert g.model["version"] == "1" and g.model["alias"] == "production"
+        assert g.model.version == "1" and g.model.alias == "production"
         [res] = g.results
         direct = postprocess(g, network).results[0]
         assert res["position"] == direct["position"]
         assert res["geojson"]["features"][1]["geometry"]["type"] == "Polygon"
+
+
+def test_ingress_over_a_fake_chain(network, captures, app_args):
+    """The Ingress adapter with stand-in deployments: gRPC infer, readiness, errors."""
+    import tritonclient.grpc as grpcclient
+
+    from deployments.ingress import Ingress
+    from serve_app.model import OnnxLocalizer
+    from serve_app.protocols.oip_grpc import service_pb2 as pb
+    from serve_app.schemas import ModelRef
+    from serve_app.settings import DEFAULT_MODEL_DIR
+
+    ref = ModelRef(name="localization_model", version="1", alias="production")
+
+    @serve.deployment
+    class FakePre:
+        def __call__(self, group):
+            return preprocess([group], network)[0]
+
+    @serve.deployment
+    class FakeModel:
+        def __init__(self) -> None:
+            self.model = OnnxLocalizer(DEFAULT_MODEL_DIR / "localization_model.onnx",
+                                       network.ids)
+            self.calls: list[tuple[int, str, str | None]] = []
+
+        def __call__(self, group, alias, version):
+            self.calls.append((len(group), alias, version))
+            return infer([group], self.model, ref)[0]
+
+        def info(self):
+            return {"model": ref.model_dump(), "registry_ok": True, "calls": self.calls}
+
+    @serve.deployment
+    class FakePost:
+        def __call__(self, group):
+            return postprocess(group, network)
+
+    handle = _run(Ingress.bind(FakePre.bind(), FakeModel.bind(), FakePost.bind(), app_args))
+    assert asyncio.run(_call(handle.ServerReady, pb.ServerReadyRequest())).ready
+    deadline = time.monotonic() + 60  # the Ingress resolves the alias in its poll thread
+    while asyncio.run(_call(handle.model_info))["alias_version"] != "1":
+        assert time.monotonic() < deadline, "the Ingress never resolved the alias"
+        time.sleep(0.05)
+
+    iq = captures[0].iq[0].view(np.float32).reshape(len(network), -1, 2)
+    inputs = [grpcclient.InferInput("IQ", list(iq.shape), "FP32"),
+              grpcclient.InferInput("RECEIVER_IDS", [len(network)], "BYTES")]
+    inputs[0].set_data_from_numpy(np.ascontiguousarray(iq))
+    inputs[1].set_data_from_numpy(np.array(network.ids, dtype=object))
+    request = pb.ModelInferRequest(model_name="localization_model",
+                                   inputs=[i._get_tensor() for i in inputs],
+                                   raw_input_contents=[i._get_content() for i in inputs])
+    response = asyncio.run(_call(handle.ModelInfer, request))
+    assert response.model_version == "1"
+    got = np.frombuffer(response.raw_output_contents[0], "<f8")
+    model = OnnxLocalizer(DEFAULT_MODEL_DIR / "localization_model.onnx", network.ids)
+    [group] = infer(preprocess([captures[0]], network), model, ref)
+    want = postprocess(group, network).results[0]["position"]
+    assert got.tolist() == [want["latitude"], want["longitude"]]
+    info = asyncio.run(_call(handle.model_info))
+    # The model replicas heard the alias's version from the Ingress's watcher.
+    assert info["alias_version"] == "1" and info["calls"] == [(1, "production", "1")]
+
+
+async def _call(method, *args):
+    return await method.remote(*args)

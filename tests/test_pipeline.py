@@ -15,9 +15,10 @@ from serve_app.features import FEATURE_SPEC_VERSION, N_FEATURES, extract_feature
 from serve_app.model import COV_OUTPUT, INPUT_NAME, MEAN_OUTPUT, OnnxLocalizer
 from serve_app.pipeline import CaptureGroup, infer, postprocess, preprocess, stack_captures
 from serve_app.receivers import ReceiverNetwork, load_network
+from serve_app.schemas import ModelRef
 from serve_app.simulate import Scenes, synthesize_iq
 
-MODEL_REF = {"name": "localization_model", "version": "7", "alias": "production"}
+MODEL_REF = ModelRef(name="localization_model", version="7", alias="production")
 COV_M2 = ((4.0e8, 1.0e8), (1.0e8, 9.0e8))
 
 

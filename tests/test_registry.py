@@ -342,3 +342,40 @@ def test_version_sha256(registry: ModelRegistry, onnx_files: tuple[Path, Path]) 
     assert registry.version_sha256(va) == file_sha256(a)
     assert registry.version_sha256(vb) == file_sha256(b) != file_sha256(a)
     assert registry.version_sha256("999") is None
+
+
+def test_alias_watcher_swaps_whole_refs(registry: ModelRegistry, onnx_files) -> None:
+    from serve_app.lifecycle import AliasWatcher
+
+    a, b = onnx_files
+    watcher = AliasWatcher(registry, "production")
+    watcher.check()
+    assert watcher.ref is None and watcher.versions == () and watcher.registry_ok
+    va, vb = registry.register(a), registry.register(b)
+    assert registry.version_numbers() == [vb, va]
+    registry.set_alias("production", va)
+    watcher.check()
+    first = watcher.ref
+    assert first is not None and (first.version, first.alias) == (va, "production")
+    assert first.sha256 == file_sha256(a) and watcher.versions == (vb, va)
+    watcher.check()
+    assert watcher.ref is first  # unchanged alias: the same frozen ref, no new lookups
+    registry.set_alias("production", vb)
+    watcher.check()
+    assert watcher.ref is not first and watcher.ref.sha256 == file_sha256(b)
+    assert first.version == va  # a reader holding the old ref still sees it whole
+    assert watcher.configure("canary") and not watcher.configure("canary")
+    watcher.check()
+    assert watcher.ref is None  # no such alias
+
+
+def test_alias_watcher_keeps_its_view_when_the_registry_is_down(tmp_path: Path) -> None:
+    from serve_app.lifecycle import AliasWatcher
+    from serve_app.schemas import ModelRef
+
+    registry = ModelRegistry(f"http://127.0.0.1:{_free_port()}", cache_dir=tmp_path / "c",
+                             timeout_s=2.0)
+    watcher = AliasWatcher(registry, "production")
+    watcher.ref = ref = ModelRef(name="m", version="3", alias="production", sha256="ab")
+    watcher.check()
+    assert watcher.registry_ok is False and watcher.ref is ref
