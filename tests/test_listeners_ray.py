@@ -27,9 +27,12 @@ from tests.multinode import _children
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 HTTP_PORT = 8000  # the shipped config's
+GRPC_PORT = 9000  # the shipped config's grpc_options.port (HAProxy binds it on the HTTP host)
 _USER = re.compile(r'\("([^"]+)",pid=(\d+),')
 LOOPBACK = ("127.0.0.1", "[::1]", "[::ffff:127.0.0.1]")
 WILDCARD = ("*", "0.0.0.0", "[::]")
+GRPC_FALLBACK_PORT = 9500  # Serve's RAY_SERVE_FALLBACK_PROXY_GRPC_PORT
+GRPC_DIRECT_PORTS = (40000, 41000)  # RAY_SERVE_DIRECT_INGRESS_MIN/MAX_GRPC_PORT
 
 
 def listeners(pids: set[int]) -> list[tuple[str, int, str, int]]:
@@ -105,17 +108,26 @@ def test_rfloc_serve_listens_on_loopback_only(tmp_path):
         names = {pid: name for _, _, name, pid in socks}
         exposed = [s for s in socks if s[0] not in LOOPBACK]
         replicas = {pid for pid, name in names.items() if name.startswith("ray::ServeRepli")}
-        # Only Ray's inter-deployment gRPC servers, which replica.py binds to "[::]:0" with
-        # no setting (token auth guards them; docs/operations.md "Ports"): one per replica.
-        assert all(a in WILDCARD and n.startswith("ray::ServeRepli") for a, _, n, _ in exposed), \
-            exposed
-        assert sorted(pid for *_, pid in exposed) == sorted(replicas)
+        assert all(a in WILDCARD for a, *_ in exposed), exposed
+        # gRPC servers that Ray 2.60 binds to "[::]" with no setting (docs/operations.md
+        # "Ports"): the Open Inference Protocol's gRPC front doors, which answer without
+        # Ray's token (the Ingress replica's direct-ingress port in 40000-41000, HAProxy's
+        # backend for 9000; the fallback proxy's 9500) ...
+        status = {port: unauthenticated_call("127.0.0.1", port) for _, port, _, _ in exposed}
+        front = [s for s in exposed if status[s[1]] != "UNAUTHENTICATED"]
+        lo, hi = GRPC_DIRECT_PORTS
+        assert sorted((n, p == GRPC_FALLBACK_PORT or lo <= p < hi) for _, p, n, _ in front) \
+            == [("ray::ProxyActor", True), ("ray::ServeRepli", True)], exposed
+        # ... and every replica's inter-deployment gRPC server, guarded by the cluster token.
+        internal = [s for s in exposed if s not in front]
+        assert all(n.startswith("ray::ServeRepli") for _, _, n, _ in internal), internal
+        assert sorted(pid for *_, pid in internal) == sorted(replicas)
         assert len(replicas) >= 4  # Ingress, Preprocessor, LocalizationModel, Postprocessor
         bound = {(a, p) for a, p, _, _ in socks}
         print("\nlisteners of rfloc serve:")
         for a, p, n, pid in sorted(socks, key=lambda s: (s[0] in LOOPBACK, s[2], s[1])):
             print(f"  {a}:{p}  {n} (pid {pid})")
-        for port in (HTTP_PORT, DEFAULT_STATS_PORT, DEFAULT_METRICS_PORT, 8265):
+        for port in (HTTP_PORT, GRPC_PORT, DEFAULT_STATS_PORT, DEFAULT_METRICS_PORT, 8265):
             assert ("127.0.0.1", port) in bound, (port, sorted(bound))
         # The side ports still work where they are.
         assert httpx.get(f"http://127.0.0.1:{DEFAULT_STATS_PORT}/stats", timeout=10) \
@@ -123,11 +135,11 @@ def test_rfloc_serve_listens_on_loopback_only(tmp_path):
         assert "haproxy_" in httpx.get(f"http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics",
                                        timeout=10).text
         ext = external_address()
-        if ext is not None:  # from outside: nothing but the replicas' gRPC ports answers
-            for port in (HTTP_PORT, DEFAULT_STATS_PORT, DEFAULT_METRICS_PORT, 8265):
+        if ext is not None:  # from outside: only the gRPC ports above answer
+            for port in (HTTP_PORT, GRPC_PORT, DEFAULT_STATS_PORT, DEFAULT_METRICS_PORT, 8265):
                 assert refused(ext, port), f"{ext}:{port} answers"
-        # Those answer, but not without the cluster's token.
-        for _, port, _, _ in exposed:
+        # Those answer, but not without the cluster's token, from outside either.
+        for _, port, _, _ in internal:
             assert unauthenticated_call(ext or "127.0.0.1", port) == "UNAUTHENTICATED", port
         # Ray's token: private to the user.
         assert stat.S_IMODE(token.stat().st_mode) == 0o600
