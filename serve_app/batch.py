@@ -351,6 +351,7 @@ def run_batch(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_actors: int | None = None,
+    min_actors: int = 1,
     num_cpus: float = 1.0,
     io_cpus: float = 0.25,
     model_path: str | None = None,
@@ -363,8 +364,9 @@ def run_batch(
     """Localize every capture of `input_path` into the GeoParquet dataset `output_path`.
 
     Uses the Ray cluster this process is connected to (or RAY_ADDRESS), else starts a local
-    instance and shuts it down at the end. The actor pool autoscales from 1 to `max_actors`
-    (default: the cluster's CPUs / num_cpus) actors of `num_cpus` CPUs; read and write
+    instance and shuts it down at the end. The actor pool autoscales from `min_actors` to
+    `max_actors` (default: the cluster's CPUs / num_cpus) actors of `num_cpus` CPUs, spread
+    over the nodes (Ray Data's default scheduling); read and write
     tasks take `io_cpus` each. Returns the summary (also stored in OUTPUT/_SUCCESS).
     """
     import ray
@@ -395,6 +397,7 @@ def run_batch(
         cpus = ray.cluster_resources().get("CPU", 1)
         if max_actors is None:
             max_actors = max(1, int(cpus // num_cpus))
+        min_actors = min(min_actors, max_actors)
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = progress
         stats_actor: Any = ray.remote(num_cpus=0)(JobStats)
@@ -405,7 +408,7 @@ def run_batch(
             BatchLocalizer,
             batch_size=batch_size,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=1, max_size=max_actors),
+            compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             num_cpus=num_cpus,
             fn_constructor_kwargs={"model_path": str(model_path) if model_path else None,
                                    "confidence_level": confidence_level, "stats": stats},

@@ -122,12 +122,12 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
 def cmd_batch(a: argparse.Namespace) -> int:
     """Localize a Parquet capture dataset on Ray Data into a GeoParquet dataset."""
-    for key, value in LOOPBACK_ENV.items():  # before Ray is imported, which reads them
-        os.environ.setdefault(key, value)
+    if not os.environ.get("RAY_ADDRESS"):  # a local instance: keep it on 127.0.0.1
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from serve_app.batch import run_batch
 
     summary = run_batch(a.input, a.output, batch_size=a.batch_size, max_actors=a.max_actors,
-                        num_cpus=a.num_cpus, model_path=a.model,
+                        min_actors=a.min_actors, num_cpus=a.num_cpus, model_path=a.model,
                         confidence_level=a.confidence_level, rows_per_file=a.rows_per_file,
                         overwrite=a.overwrite, progress=not a.no_progress,
                         object_store_mib=a.object_store_mib)
@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=256, help="captures per actor call")
     s.add_argument("--max-actors", type=int, default=None,
                    help="upper bound of the autoscaling actor pool (default: CPUs / num-cpus)")
+    s.add_argument("--min-actors", type=int, default=1, help="lower bound of the actor pool")
     s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
     s.add_argument("--model", default=None, help="ONNX file (default: the shipped model)")
     s.add_argument("--confidence-level", type=float, default=0.95)
