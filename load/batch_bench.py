@@ -79,10 +79,10 @@ class PeakSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.every_s = root, every_s
         self.peaks: dict[int, tuple[int, str]] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             for pid, cmd in _tree(self.root).items():
                 kib = _hwm_kib(pid)
                 if kib >= self.peaks.get(pid, (0, ""))[0]:
@@ -90,7 +90,7 @@ class PeakSampler(threading.Thread):
             time.sleep(self.every_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
     def driver_mib(self) -> float:
@@ -229,8 +229,7 @@ def main() -> int:
     sizes = [int(s) for s in a.sizes.split(",")]
     res: dict = {"machine": machine(), "loads": {"start": loadavg()}, "runs": [],
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                 "command": "python load/batch_bench.py" + (
-                     f" --sizes {a.sizes}" if a.sizes != "4096,16384,65536" else "")}
+                 "command": " ".join(["python load/batch_bench.py", *sys.argv[1:]])}
     print(f"machine: {res['machine']}; load {res['loads']['start']}", flush=True)
     a.tmp.mkdir(parents=True, exist_ok=True)
     try:

@@ -335,9 +335,11 @@ def _count(fs: pafs.FileSystem, path: str) -> tuple[int, int, int]:
 def _spilled_mib() -> float | None:
     """MiB this Ray instance spilled to disk so far (None if Ray does not say)."""
     try:
+        import ray
         from ray._private.internal_api import memory_summary
 
-        m = re.search(r"Spilled ([\d.]+) MiB", memory_summary(stats_only=True))
+        text = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
+        m = re.search(r"Spilled ([\d.]+) MiB", text)
     except Exception:  # an internal API: a missing figure must not fail the job
         return None
     return float(m.group(1)) if m else 0.0
