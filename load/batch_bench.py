@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import os
 import shutil
 import subprocess
@@ -62,31 +63,34 @@ def _tree(root: int) -> dict[int, str]:
     return out
 
 
-def _hwm_kib(pid: int) -> int:
-    try:
+def _memory_kib(pid: int) -> tuple[int, int]:
+    """(VmHWM, RssAnon) of a process in KiB: its peak RSS, and its private memory now."""
+    hwm = anon = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+                hwm = int(line.split()[1])
+            elif line.startswith("RssAnon:"):
+                anon = int(line.split()[1])
+    return hwm, anon
 
 
 class PeakSampler(threading.Thread):
-    """Samples VmHWM of a process tree until stopped (a process's last sample is its peak)."""
+    """Samples a process tree until stopped: per process, peak RSS (VmHWM, the last sample
+    is the peak) and peak private memory (RssAnon: RSS without the mapped object store)."""
 
     def __init__(self, root: int, every_s: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.root, self.every_s = root, every_s
-        self.peaks: dict[int, tuple[int, str]] = {}
+        self.peaks: dict[int, tuple[int, int, str]] = {}
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
             for pid, cmd in _tree(self.root).items():
-                kib = _hwm_kib(pid)
-                if kib >= self.peaks.get(pid, (0, ""))[0]:
-                    self.peaks[pid] = (kib, cmd)
+                hwm, anon = _memory_kib(pid)
+                old_hwm, old_anon, _ = self.peaks.get(pid, (0, 0, ""))
+                self.peaks[pid] = (max(hwm, old_hwm), max(anon, old_anon), cmd)
             time.sleep(self.every_s)
 
     def stop(self) -> None:
@@ -94,16 +98,16 @@ class PeakSampler(threading.Thread):
         self.join()
 
     def driver_mib(self) -> float:
-        return self.peaks.get(self.root, (0, ""))[0] / 1024
+        return self.peaks.get(self.root, (0, 0, ""))[0] / 1024
 
-    def largest_worker(self) -> tuple[float, str]:
-        """Peak RSS MiB and name of the largest Ray worker (`ray::…` processes)."""
-        workers = [(kib, cmd.split()[0]) for pid, (kib, cmd) in self.peaks.items()
+    def largest_worker(self) -> tuple[float, float, str]:
+        """Peak RSS MiB, peak private MiB and name of the largest Ray worker (`ray::…`)."""
+        workers = [(hwm, anon, cmd.split()[0]) for hwm, anon, cmd in self.peaks.values()
                    if cmd.startswith("ray::")]
         if not workers:
-            return float("nan"), "—"
-        kib, name = max(workers)
-        return kib / 1024, name
+            return float("nan"), float("nan"), "—"
+        hwm, anon, name = max(workers)
+        return hwm / 1024, anon / 1024, name
 
 
 def rfloc(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -130,9 +134,10 @@ def run_batch(inp: Path, out: Path, log: Path, extra: list[str]) -> dict:
     if rc:
         raise RuntimeError(f"rfloc batch failed ({rc}):\n{text[-3000:]}")
     summary = json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
-    worker_mib, worker = sampler.largest_worker()
+    worker_mib, worker_private_mib, worker = sampler.largest_worker()
     return {**summary, "wall_s": wall, "driver_peak_mib": sampler.driver_mib(),
-            "worker_peak_mib": worker_mib, "worker": worker}
+            "worker_peak_mib": worker_mib, "worker_private_mib": worker_private_mib,
+            "worker": worker.removeprefix("ray::")}
 
 
 def udf_alone(inp: Path, seconds: float = 8.0) -> float:
@@ -163,18 +168,20 @@ def section(res: dict) -> str:
         f"at the start, {res['loads']['end']} at the end.", "",
         "Each size: `rfloc simulate --parquet IN --n N` (standard captures, cf32_le, "
         "269 kB each), then `rfloc batch IN OUT` on its own local Ray instance (actors of "
-        "1 CPU, autoscaling 1 to 2, batches of 256). Peak RSS is VmHWM sampled every 0.2 s: "
-        "the driver (the `rfloc batch` process) and the largest Ray worker process "
-        "(mapped object-store pages count in a worker's RSS).", "",
-        "| captures | input GB | driver peak RSS MiB | largest worker peak RSS MiB | wall s "
-        "| captures/s (command) | captures/s (dataset run) | captures/s (actors busy) "
-        "| busy / L |",
+        "1 CPU, autoscaling 1 to 2, batches of 256). Peak RSS is VmHWM, sampled every "
+        "0.2 s, of the driver (the `rfloc batch` process) and of the largest Ray worker "
+        "process; a worker's RSS counts the object-store pages it mapped (shared memory), "
+        "so its peak private memory (RssAnon) is given beside it.", "",
+        "| captures | input GB | driver peak RSS MiB | largest worker peak RSS MiB "
+        "(private) | wall s | captures/s (command) | captures/s (dataset run) "
+        "| captures/s (actors busy) | busy / L |",
         "|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in runs:
         lines.append(
             f"| {r['captures']:,} | {r['input_gb']:.1f} | {r['driver_peak_mib']:.0f} | "
-            f"{r['worker_peak_mib']:.0f} ({r['worker']}) | {r['wall_s']:.0f} | "
+            f"{r['worker_peak_mib']:.0f} ({r['worker_private_mib']:.0f}), {r['worker']} | "
+            f"{r['wall_s']:.0f} | "
             f"{fmt(r['captures'] / r['wall_s'])} | {fmt(r['captures_s'])} | "
             f"{fmt(r['busy_captures_s'])} | {fmt(r['busy_captures_s'] / l_rate, 2)} |")
     first, last = runs[0], runs[-1]
@@ -205,7 +212,8 @@ def section(res: dict) -> str:
             f"({small['input_gb']:.1f} GB, {times_store:.0f}x "
             f"the store) completed: {fmt(small['busy_captures_s'])} captures/s while busy, "
             f"driver peak {small['driver_peak_mib']:.0f} MiB, largest worker "
-            f"{small['worker_peak_mib']:.0f} MiB; Ray reported "
+            f"{small['worker_peak_mib']:.0f} MiB ({small['worker_private_mib']:.0f} private); "
+            "Ray reported "
             f"{fmt(small['spilled_mib'])} MiB spilled "
             f"({spilled_pct:.1f} % of the input).",
         ]
@@ -229,7 +237,7 @@ def main() -> int:
     sizes = [int(s) for s in a.sizes.split(",")]
     res: dict = {"machine": machine(), "loads": {"start": loadavg()}, "runs": [],
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                 "command": " ".join(["python load/batch_bench.py", *sys.argv[1:]])}
+                 "command": " ".join(["python load/batch_bench.py", *map(shlex.quote, sys.argv[1:])])}
     print(f"machine: {res['machine']}; load {res['loads']['start']}", flush=True)
     a.tmp.mkdir(parents=True, exist_ok=True)
     try:
@@ -254,6 +262,7 @@ def main() -> int:
             res["runs"].append(r)
             print(f"  rfloc batch: wall {r['wall_s']:.0f} s, busy {r['busy_captures_s']} cap/s, "
                   f"driver {r['driver_peak_mib']:.0f} MiB, worker {r['worker_peak_mib']:.0f} MiB "
+                  f"({r['worker_private_mib']:.0f} private) "
                   f"({r['worker']}), spilled {r['spilled_mib']} MiB; load {loadavg()}", flush=True)
             if not a.keep:
                 shutil.rmtree(out, ignore_errors=True)
