@@ -355,7 +355,7 @@ def run_batch(
     max_actors: int | None = None,
     min_actors: int = 1,
     num_cpus: float = 1.0,
-    io_cpus: float = 0.25,
+    io_cpus: float = 0.0,
     model_path: str | None = None,
     confidence_level: float = DEFAULT_CONFIDENCE,
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
@@ -368,8 +368,10 @@ def run_batch(
     Uses the Ray cluster this process is connected to (or RAY_ADDRESS), else starts a local
     instance and shuts it down at the end. The actor pool autoscales from `min_actors` to
     `max_actors` (default: the cluster's CPUs / num_cpus) actors of `num_cpus` CPUs, spread
-    over the nodes (Ray Data's default scheduling); read and write
-    tasks take `io_cpus` each. Returns the summary (also stored in OUTPUT/_SUCCESS).
+    over the nodes (Ray Data's default scheduling). Read and write tasks reserve `io_cpus`
+    each, none by default: they mostly move bytes, and any CPU they reserve is one that
+    Ray Data's resource budget keeps from the actor pool (with 0.25, two 1-CPU actors never
+    started on a 2-CPU machine). Returns the summary (also stored in OUTPUT/_SUCCESS).
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext

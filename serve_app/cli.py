@@ -122,7 +122,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
 def cmd_batch(a: argparse.Namespace) -> int:
     """Localize a Parquet capture dataset on Ray Data into a GeoParquet dataset."""
-    if not os.environ.get("RAY_ADDRESS"):  # a local instance: keep it on 127.0.0.1
+    if os.environ.get("RAY_ADDRESS", "local") == "local":  # a local instance: on 127.0.0.1
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from serve_app.batch import run_batch
 

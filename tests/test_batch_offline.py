@@ -22,7 +22,7 @@ pytestmark = pytest.mark.ray
 
 N_CAPTURES = 96
 # Small actors and tasks: the pool must fit beside whatever else the session runs.
-SMALL = {"num_cpus": 0.1, "io_cpus": 0.05, "max_actors": 2, "progress": False}
+SMALL = {"num_cpus": 0.1, "max_actors": 2, "progress": False}
 
 
 @pytest.fixture(scope="module")
