@@ -19,14 +19,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shlex
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # noqa: E402
@@ -63,6 +64,17 @@ def _tree(root: int) -> dict[int, str]:
     return out
 
 
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * _TICK_S
+    return 0.0
+
+
 def _memory_kib(pid: int) -> tuple[int, int]:
     """(VmHWM, RssAnon) of a process in KiB: its peak RSS, and its private memory now."""
     hwm = anon = 0
@@ -83,6 +95,7 @@ class PeakSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.every_s = root, every_s
         self.peaks: dict[int, tuple[int, int, str]] = {}
+        self.cpu_s: dict[int, float] = {}  # last sample: a process's CPU time when it ended
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -91,6 +104,7 @@ class PeakSampler(threading.Thread):
                 hwm, anon = _memory_kib(pid)
                 old_hwm, old_anon, _ = self.peaks.get(pid, (0, 0, ""))
                 self.peaks[pid] = (max(hwm, old_hwm), max(anon, old_anon), cmd)
+                self.cpu_s[pid] = max(self.cpu_s.get(pid, 0.0), _cpu_s(pid))
             time.sleep(self.every_s)
 
     def stop(self) -> None:
@@ -99,6 +113,11 @@ class PeakSampler(threading.Thread):
 
     def driver_mib(self) -> float:
         return self.peaks.get(self.root, (0, 0, ""))[0] / 1024
+
+    def worker_cpu_s(self, prefix: str = "ray::") -> float:
+        """CPU seconds of the Ray worker processes whose name starts with `prefix`."""
+        return sum(self.cpu_s.get(pid, 0.0) for pid, (_, _, cmd) in self.peaks.items()
+                   if cmd.startswith(prefix))
 
     def largest_worker(self) -> tuple[float, float, str]:
         """Peak RSS MiB, peak private MiB and name of the largest Ray worker (`ray::…`)."""
@@ -135,7 +154,10 @@ def run_batch(inp: Path, out: Path, log: Path, extra: list[str]) -> dict:
         raise RuntimeError(f"rfloc batch failed ({rc}):\n{text[-3000:]}")
     summary = json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
     worker_mib, worker_private_mib, worker = sampler.largest_worker()
+    n = summary["captures"]
     return {**summary, "wall_s": wall, "driver_peak_mib": sampler.driver_mib(),
+            "actor_cpu_ms": 1e3 * sampler.worker_cpu_s("ray::MapWorker") / n,
+            "worker_cpu_ms": 1e3 * sampler.worker_cpu_s() / n,
             "worker_peak_mib": worker_mib, "worker_private_mib": worker_private_mib,
             "worker": worker.removeprefix("ray::")}
 
@@ -158,7 +180,6 @@ def udf_alone(inp: Path, seconds: float = 8.0) -> float:
 def section(res: dict) -> str:
     """The markdown section "## Offline batch"."""
     m, runs, small = res["machine"], res["runs"], res.get("small_store")
-    l_rate = res["l_captures_s"]
     lines = [
         "## Offline batch", "",
         f"Measured by `{res['command']}` on {res['date']} (whole run "
@@ -171,31 +192,33 @@ def section(res: dict) -> str:
         "1 CPU, autoscaling 1 to 2, batches of 256). Peak RSS is VmHWM, sampled every "
         "0.2 s, of the driver (the `rfloc batch` process) and of the largest Ray worker "
         "process; a worker's RSS counts the object-store pages it mapped (shared memory), "
-        "so its peak private memory (RssAnon) is given beside it.", "",
+        "so its peak private memory (RssAnon) is given beside it. L (load/bench.py's, single "
+        "iq_b64 vectorized over 64 captures, one process) is measured just before and just "
+        "after each run, the mean beside it; CPU ms per capture (all processes of the "
+        "actors, model load included; L: its process) is less disturbed by the other work "
+        "on the machine than captures/s.", "",
         "| captures | input GB | driver peak RSS MiB | largest worker peak RSS MiB "
-        "(private) | wall s | captures/s (command) | captures/s (dataset run) "
-        "| captures/s (actors busy) | busy / L |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "(private) | wall s | captures/s: command | dataset run | actors busy | L beside "
+        "| **busy / L** | CPU ms/capture: actors / L |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in runs:
         lines.append(
             f"| {r['captures']:,} | {r['input_gb']:.1f} | {r['driver_peak_mib']:.0f} | "
-            f"{r['worker_peak_mib']:.0f} ({r['worker_private_mib']:.0f}), {r['worker']} | "
-            f"{r['wall_s']:.0f} | "
-            f"{fmt(r['captures'] / r['wall_s'])} | {fmt(r['captures_s'])} | "
-            f"{fmt(r['busy_captures_s'])} | {fmt(r['busy_captures_s'] / l_rate, 2)} |")
+            f"{r['worker_peak_mib']:.0f} ({r['worker_private_mib']:.0f}) | "
+            f"{r['wall_s']:.0f} | {fmt(r['captures'] / r['wall_s'])} | "
+            f"{fmt(r['captures_s'])} | {fmt(r['busy_captures_s'])} | {fmt(r['l_captures_s'])} | "
+            f"**{fmt(r['busy_captures_s'] / r['l_captures_s'], 2)}** | "
+            f"{r['actor_cpu_ms']:.2f} / {r['l_cpu_ms']:.2f} |")
     first, last = runs[0], runs[-1]
     lines += [
         "",
         f"Driver peak RSS at {last['captures']:,} captures is "
         f"{last['driver_peak_mib'] / first['driver_peak_mib']:.2f}x the one at "
-        f"{first['captures']:,} ({last['input_gb'] / first['input_gb']:.0f}x the input).",
-        "",
-        "| in-process, same run | captures/s |", "|---|--:|",
-        f"| L (load/bench.py: single iq_b64 vectorized over 64, JSON parse included) | "
-        f"{fmt(l_rate)} |",
-        f"| the batch UDF alone, one process (Parquet rows in, GeoParquet rows out) | "
-        f"{fmt(res['udf_captures_s'])} |",
+        f"{first['captures']:,} ({last['input_gb'] / first['input_gb']:.0f}x the input). "
+        f"The largest worker: {', '.join(sorted({r['worker'] for r in runs}))}. The batch UDF "
+        f"alone in one process (Parquet rows in, GeoParquet rows out, batches of 256): "
+        f"{fmt(res['udf_captures_s'])} captures/s.",
         "",
         "\"actors busy\": from the first batch's start to the last one's end in the actors "
         "(what the pool sustains once it is up); \"dataset run\": the Ray Data execution, "
@@ -210,7 +233,8 @@ def section(res: dict) -> str:
             f"Small object store: `rfloc batch IN OUT --object-store-mib "
             f"{small['object_store_mib']}` over the {small['captures']:,}-capture input "
             f"({small['input_gb']:.1f} GB, {times_store:.0f}x "
-            f"the store) completed: {fmt(small['busy_captures_s'])} captures/s while busy, "
+            f"the store) completed in {small['wall_s']:.0f} s: "
+            f"{fmt(small['busy_captures_s'])} captures/s while busy, "
             f"driver peak {small['driver_peak_mib']:.0f} MiB, largest worker "
             f"{small['worker_peak_mib']:.0f} MiB ({small['worker_private_mib']:.0f} private); "
             "Ray reported "
@@ -228,7 +252,8 @@ def main() -> int:
                    help="object store of the last run over the largest input (0: skip)")
     p.add_argument("--tmp", type=Path, default=Path("/work/tmp-batch"),
                    help="where the inputs and outputs go (deleted at the end)")
-    p.add_argument("--l-seconds", type=float, default=12.0)
+    p.add_argument("--l-seconds", type=float, default=6.0,
+                   help="L's measuring time, before and after each run")
     p.add_argument("--keep", action="store_true", help="keep the inputs and outputs")
     p.add_argument("--doc", default=str(DOC), help="markdown file to update ('' = none)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
@@ -237,14 +262,24 @@ def main() -> int:
     sizes = [int(s) for s in a.sizes.split(",")]
     res: dict = {"machine": machine(), "loads": {"start": loadavg()}, "runs": [],
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                 "command": " ".join(["python load/batch_bench.py", *map(shlex.quote, sys.argv[1:])])}
+                 "command": " ".join(["python load/batch_bench.py",
+                                      *map(shlex.quote, sys.argv[1:])])}
     print(f"machine: {res['machine']}; load {res['loads']['start']}", flush=True)
     a.tmp.mkdir(parents=True, exist_ok=True)
     try:
         core = InProcess()
         w = build_workloads(64, 1, 1, seed=21)[0]
-        res["l_captures_s"] = measure_l(w, core, a.l_seconds, 10)["captures_s"]
-        print(f"L: {res['l_captures_s']:.0f} captures/s", flush=True)
+
+        def with_l(*args: Any) -> dict:
+            """`run_batch(*args)` between two measurements of L; their means beside it."""
+            ls = [measure_l(w, core, a.l_seconds, 5)]
+            r = run_batch(*args)
+            ls.append(measure_l(w, core, a.l_seconds, 5))
+            r["l_captures_s"] = sum(x["captures_s"] for x in ls) / 2
+            r["l_cpu_ms"] = sum(x["cpu_ms_per_capture"] for x in ls) / 2
+            print(f"  L beside: {[round(x['captures_s']) for x in ls]} captures/s", flush=True)
+            return r
+
         for n in sizes:
             inp, out = a.tmp / f"in-{n}", a.tmp / f"out-{n}"
             shutil.rmtree(inp, ignore_errors=True)
@@ -257,10 +292,11 @@ def main() -> int:
             if n == sizes[0]:
                 res["udf_captures_s"] = udf_alone(inp)
                 print(f"batch UDF alone: {res['udf_captures_s']:.0f} captures/s", flush=True)
-            r = run_batch(inp, out, a.tmp / f"batch-{n}.log", [])
+            r = with_l(inp, out, a.tmp / f"batch-{n}.log", [])
             r["input_gb"] = size_gb
             res["runs"].append(r)
             print(f"  rfloc batch: wall {r['wall_s']:.0f} s, busy {r['busy_captures_s']} cap/s, "
+                  f"CPU ms/cap actors {r['actor_cpu_ms']:.2f} L {r['l_cpu_ms']:.2f}, "
                   f"driver {r['driver_peak_mib']:.0f} MiB, worker {r['worker_peak_mib']:.0f} MiB "
                   f"({r['worker_private_mib']:.0f} private) "
                   f"({r['worker']}), spilled {r['spilled_mib']} MiB; load {loadavg()}", flush=True)
@@ -271,8 +307,8 @@ def main() -> int:
         if a.small_store_mib:
             n = sizes[-1]
             inp = a.tmp / f"in-{n}"
-            r = run_batch(inp, a.tmp / "out-small-store", a.tmp / "batch-small.log",
-                          ["--object-store-mib", str(a.small_store_mib)])
+            r = with_l(inp, a.tmp / "out-small-store", a.tmp / "batch-small.log",
+                       ["--object-store-mib", str(a.small_store_mib)])
             r.update(input_gb=res["runs"][-1]["input_gb"], object_store_mib=a.small_store_mib)
             res["small_store"] = r
             print(f"small store ({a.small_store_mib} MiB): wall {r['wall_s']:.0f} s, spilled "
