@@ -345,6 +345,17 @@ def _spilled_mib() -> float | None:
     return float(m.group(1)) if m else 0.0
 
 
+def _read_error(exc: Exception, files: list[str]) -> BatchError:
+    """The error of a failed read, naming the input file (Ray's task error text names it)."""
+    text = str(exc)
+    causes = re.findall(r"(?m)^\s*(?:pyarrow\.lib\.)?(\w*(?:Arrow\w*|Error)): (.+)$", text)
+    reason = ": ".join(causes[-1]) if causes else type(exc).__name__
+    named = [f for f in files if f in text]
+    if named:
+        return BatchError(f"{named[0]}: corrupt Parquet data ({reason})")
+    return BatchError(f"reading the input failed ({reason})")
+
+
 # -- the job ------------------------------------------------------------------------------------
 
 def run_batch(
@@ -418,9 +429,12 @@ def run_batch(
                                    "confidence_level": confidence_level, "stats": stats},
         )
         t_run = time.perf_counter()
-        ds.write_parquet(staging, filesystem=out_fs, schema=OUTPUT_SCHEMA,
-                         min_rows_per_file=rows_per_file, compression="zstd",
-                         ray_remote_args={"num_cpus": io_cpus})
+        try:
+            ds.write_parquet(staging, filesystem=out_fs, schema=OUTPUT_SCHEMA,
+                             min_rows_per_file=rows_per_file, compression="zstd",
+                             ray_remote_args={"num_cpus": io_cpus})
+        except pa.ArrowException as exc:  # a read task met data its footer did not promise
+            raise _read_error(exc, files) from None
         t_end = time.perf_counter()
         job: dict = ray.get(stats.summary.remote())
         spilled = _spilled_mib()

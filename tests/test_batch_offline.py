@@ -119,6 +119,16 @@ def test_corrupt_file_is_an_error_naming_it(ray_cluster, captures, tmp_path):
         run_batch(src, tmp_path / "out", **SMALL)
     assert not (tmp_path / "out").exists()
 
+    # A sound footer over damaged data: found by the read task, named all the same.
+    corrupt.unlink()
+    damaged = sorted(src.glob("*.parquet"))[1]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 3:len(data) // 3 + 100_000] = os.urandom(100_000)
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(BatchError, match=f"{damaged}: corrupt Parquet data"):
+        run_batch(src, tmp_path / "out", **SMALL)
+    assert not (tmp_path / "out").exists()
+
 
 def test_stopped_run_then_rerun_writes_each_capture_once(ray_cluster, network, captures,
                                                          tmp_path):
