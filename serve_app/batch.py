@@ -417,7 +417,11 @@ def run_batch(
         ctx.enable_progress_bars = progress
         stats_actor: Any = ray.remote(num_cpus=0)(JobStats)
         stats = stats_actor.remote()
-        ds = ray.data.read_parquet(files, filesystem=in_fs, num_cpus=io_cpus).select_columns(
+        # As many read tasks at once as actors: reading outpaces localizing many times over,
+        # and read tasks that reserve no CPU are otherwise launched for every file at once,
+        # filling the object store with input blocks that wait (and spill).
+        ds = ray.data.read_parquet(files, filesystem=in_fs, num_cpus=io_cpus,
+                                   concurrency=max_actors).select_columns(
             [*CAPTURE_COLUMNS, *optional])
         ds = ds.map_batches(
             BatchLocalizer,
