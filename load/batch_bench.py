@@ -189,17 +189,18 @@ def section(res: dict) -> str:
         f"at the start, {res['loads']['end']} at the end.", "",
         "Each size: `rfloc simulate --parquet IN --n N` (standard captures, cf32_le, "
         "269 kB each), then `rfloc batch IN OUT` on its own local Ray instance (actors of "
-        "1 CPU, autoscaling 1 to 2, batches of 256). Peak RSS is VmHWM, sampled every "
-        "0.2 s, of the driver (the `rfloc batch` process) and of the largest Ray worker "
-        "process; a worker's RSS counts the object-store pages it mapped (shared memory), "
-        "so its peak private memory (RssAnon) is given beside it. L (load/bench.py's, single "
-        "iq_b64 vectorized over 64 captures, one process) is measured just before and just "
-        "after each run, the mean beside it; CPU ms per capture (all processes of the "
-        "actors, model load included; L: its process) is less disturbed by the other work "
-        "on the machine than captures/s.", "",
+        "1 CPU, 2 at the start, autoscaling between 1 and 2, batches of 256). Peak RSS is "
+        "VmHWM, sampled every 0.2 s, of the driver (the `rfloc batch` process) and of the "
+        "largest Ray worker process; a worker's RSS counts the object-store pages it "
+        "mapped (shared memory), so its peak private memory (RssAnon) is given beside it. "
+        "L (load/bench.py's, single iq_b64 vectorized over 64 captures, one process) is "
+        "measured just before and just after each run, the mean beside it; CPU ms per "
+        "capture (every Ray worker process of the job: actors, read and write tasks, model "
+        "loads; L: its process) is less disturbed by the other work on the machine than "
+        "captures/s.", "",
         "| captures | input GB | driver peak RSS MiB | largest worker peak RSS MiB "
         "(private) | wall s | captures/s: command | dataset run | actors busy | L beside "
-        "| **busy / L** | CPU ms/capture: actors / L |",
+        "| **busy / L** | CPU ms/capture: Ray workers / L |",
         "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in runs:
@@ -209,7 +210,7 @@ def section(res: dict) -> str:
             f"{r['wall_s']:.0f} | {fmt(r['captures'] / r['wall_s'])} | "
             f"{fmt(r['captures_s'])} | {fmt(r['busy_captures_s'])} | {fmt(r['l_captures_s'])} | "
             f"**{fmt(r['busy_captures_s'] / r['l_captures_s'], 2)}** | "
-            f"{r['actor_cpu_ms']:.2f} / {r['l_cpu_ms']:.2f} |")
+            f"{r['worker_cpu_ms']:.2f} / {r['l_cpu_ms']:.2f} |")
     first, last = runs[0], runs[-1]
     lines += [
         "",
@@ -296,7 +297,7 @@ def main() -> int:
             r["input_gb"] = size_gb
             res["runs"].append(r)
             print(f"  rfloc batch: wall {r['wall_s']:.0f} s, busy {r['busy_captures_s']} cap/s, "
-                  f"CPU ms/cap actors {r['actor_cpu_ms']:.2f} L {r['l_cpu_ms']:.2f}, "
+                  f"CPU ms/cap workers {r['worker_cpu_ms']:.2f} L {r['l_cpu_ms']:.2f}, "
                   f"driver {r['driver_peak_mib']:.0f} MiB, worker {r['worker_peak_mib']:.0f} MiB "
                   f"({r['worker_private_mib']:.0f} private) "
                   f"({r['worker']}), spilled {r['spilled_mib']} MiB; load {loadavg()}", flush=True)

@@ -427,7 +427,10 @@ def run_batch(
             BatchLocalizer,
             batch_size=batch_size,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+            # Start at full size (small jobs are over before a pool scales up); idle actors
+            # are let go down to min_actors.
+            compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
+                                      initial_size=max_actors),
             num_cpus=num_cpus,
             fn_constructor_kwargs={"model_path": str(model_path) if model_path else None,
                                    "confidence_level": confidence_level, "stats": stats},
