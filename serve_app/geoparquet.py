@@ -4,7 +4,7 @@ The predicted position is the primary geometry (`geometry`, a WKB Point), the un
 ellipse a second geometry column (`ellipse`, a WKB Polygon, or a MultiPolygon where it
 crosses the antimeridian), both in OGC:CRS84 (longitude, latitude on WGS84). The geometries
 are encoded by shapely; the `geo` key of the file metadata follows the GeoParquet 1.1 spec,
-so geopandas, DuckDB's spatial extension and QGIS open the files as they are.
+so GeoParquet readers (geopandas, DuckDB, GDAL and so QGIS) open the files as they are.
 """
 
 from __future__ import annotations
