@@ -189,7 +189,7 @@ def section(res: dict) -> str:
         f"at the start, {res['loads']['end']} at the end.", "",
         "Each size: `rfloc simulate --parquet IN --n N` (standard captures, cf32_le, "
         "269 kB each), then `rfloc batch IN OUT` on its own local Ray instance (actors of "
-        "1 CPU, 2 at the start, autoscaling between 1 and 2, batches of 256). Peak RSS is "
+        "1 CPU, autoscaling between 1 and 2, batches of 256). Peak RSS is "
         "VmHWM, sampled every 0.2 s, of the driver (the `rfloc batch` process) and of the "
         "largest Ray worker process; a worker's RSS counts the object-store pages it "
         "mapped (shared memory), so its peak private memory (RssAnon) is given beside it. "

@@ -427,10 +427,9 @@ def run_batch(
             BatchLocalizer,
             batch_size=batch_size,
             batch_format="pyarrow",
-            # Start at full size (small jobs are over before a pool scales up); idle actors
-            # are let go down to min_actors.
-            compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
-                                      initial_size=max_actors),
+            # Not initial_size=max_actors: actors holding every CPU from the start leave
+            # none for Ray Data's file-listing task (1 CPU), and the job never starts.
+            compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             num_cpus=num_cpus,
             fn_constructor_kwargs={"model_path": str(model_path) if model_path else None,
                                    "confidence_level": confidence_level, "stats": stats},
