@@ -175,3 +175,11 @@ def test_stopped_run_then_rerun_writes_each_capture_once(ray_cluster, network, c
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(BatchError, match="not the output of a completed"):
         run_batch(captures, foreign, **SMALL)
+
+
+def test_a_pool_that_would_leave_no_cpu_is_refused(ray_cluster, captures, tmp_path):
+    # Ray Data lists the files in a 1-CPU task: 2 actors of 1 CPU on 2 CPUs would wait forever.
+    with pytest.raises(BatchError, match="would leave no CPU"):
+        run_batch(captures, tmp_path / "out", min_actors=2, max_actors=2, num_cpus=1.0,
+                  progress=False)
+    assert not list(tmp_path.iterdir())
