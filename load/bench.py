@@ -8,9 +8,9 @@
 
 For each: captures/s at saturation (closed loop) and p50/p99 latency at a fixed moderate
 rate (open loop, the same rate for N and S: --rate-frac of the lower saturated rate).
-Also: peak RSS (VmHWM) of every Serve replica under the batch workload, and the offline
-`rfloc batch` (Ray Data) throughput. Prints a table and rewrites the sections
-"## L / N / S" and "## Offline batch" of docs/performance.md, keeping every other section.
+Also: peak RSS (VmHWM) of every Serve replica under the batch workload. Prints a table and
+rewrites the section "## L / N / S" of docs/performance.md, keeping every other section
+(load/batch_bench.py owns "## Offline batch", the offline `rfloc batch` on Ray Data).
 
     python load/bench.py            # the full run (~8 min on 2 cores)
     python load/bench.py --quick    # smoke run (~2 min)
@@ -460,33 +460,6 @@ def at_rate(w: Workload, port: int, rate_rps: float, dur_s: float) -> LoadResult
                          extra=w.extra))
 
 
-# -- offline batch ----------------------------------------------------------------------------
-
-def offline(tmp: Path, n: int, l_rate: float) -> dict:
-    """`rfloc simulate --npz` then `rfloc batch` (its own Ray instance); captures/s of the run."""
-    npz, out = tmp / "captures.npz", tmp / "predictions.parquet"
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    rfloc = [sys.executable, "-m", "serve_app.cli"]
-    subprocess.run([*rfloc, "simulate", "--npz", str(npz), "--n", str(n), "--seed", "5"],
-                   check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
-    log = tmp / "batch.log"
-    with open(log, "wb") as f:
-        t0 = time.perf_counter()
-        subprocess.run([*rfloc, "batch", str(npz), str(out), "--json-summary"], check=True,
-                       env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-        wall = time.perf_counter() - t0
-    summary = {}
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{") and '"captures_s"' in line:
-            summary = json.loads(line)
-    return {"n": n, "wall_s": wall, "captures_s": summary.get("captures_s", float("nan")),
-            "pipeline_s": summary.get("pipeline_s"), "startup_s": summary.get("startup_s"),
-            "processing_captures_s": summary.get("processing_captures_s") or float("nan"),
-            "l_captures_s": l_rate,
-            "command": f"rfloc simulate --npz captures.npz --n {n} --seed 5 && "
-                       f"rfloc batch captures.npz predictions.parquet"}
-
-
 # -- report -----------------------------------------------------------------------------------
 
 def fmt(x: float | None, digits: int = 0) -> str:
@@ -556,7 +529,7 @@ def replace_sections(doc: str, sections: dict[str, str]) -> str:
 
 
 def report(args: argparse.Namespace, mach: dict, workloads: list[Workload], rss: list[dict],
-           off: dict | None, loads: dict[str, str], s_cmd: str, wall_s: float) -> dict[str, str]:
+           loads: dict[str, str], s_cmd: str, wall_s: float) -> dict[str, str]:
     """The markdown sections this bench owns."""
     cmd = "python load/bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lns = [
@@ -607,23 +580,6 @@ def report(args: argparse.Namespace, mach: dict, workloads: list[Workload], rss:
                 for r in rss]
         lns.append("")
     sections = {"L / N / S": "\n".join(lns)}
-    if off:
-        sections["Offline batch"] = "\n".join([
-            "## Offline batch", "",
-            f"`{off['command']}` ({off['n']} standard captures, Ray Data `map_batches` with an "
-            "autoscaling actor pool, own local Ray instance), same run and machine as above:", "",
-            "| | captures/s | vs L |", "|---|--:|--:|",
-            f"| L (single iq_b64 above; includes JSON parse) | {fmt(off['l_captures_s'])} | 1.00 |",
-            f"| `rfloc batch`, actors busy (first batch in to last batch out) | "
-            f"{fmt(off['processing_captures_s'])} | "
-            f"{fmt(off['processing_captures_s'] / off['l_captures_s'], 2)} |",
-            f"| `rfloc batch`, dataset run (incl. actor start, model load) | "
-            f"{fmt(off['captures_s'])} | {fmt(off['captures_s'] / off['l_captures_s'], 2)} |",
-            f"| `rfloc batch`, whole command (Python and Ray start, read, write) | "
-            f"{fmt(off['n'] / off['wall_s'])} | "
-            f"{fmt(off['n'] / off['wall_s'] / off['l_captures_s'], 2)} |",
-            "",
-        ])
     return sections
 
 
@@ -643,14 +599,11 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=None, help="seconds per measured phase")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per phase")
     p.add_argument("--rate-frac", type=float, default=0.5)
-    p.add_argument("--offline", type=int, default=None, help="captures for rfloc batch (0: skip)")
     p.add_argument("--doc", default=str(DOC), help="markdown file to update ('' = none)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     args = p.parse_args()
     args.duration = args.duration or (3.0 if args.quick else 12.0)
     args.warmup = args.warmup or (1.0 if args.quick else 4.0)
-    if args.offline is None:
-        args.offline = 256 if args.quick else 2048
     t_start = time.perf_counter()
     loads = {"start": loadavg()}
     mach = machine()
@@ -718,17 +671,11 @@ def main() -> int:
                 serve.stop()
             if naive:
                 naive.stop()
-        off = None
-        if args.offline:
-            l_rate = (workloads[0].results.get("L") or {}).get("captures_s", float("nan"))
-            off = offline(tmp, args.offline, l_rate)
-            print(f"offline rfloc batch: {off['captures_s']:.0f} captures/s "
-                  f"(whole command {off['n'] / off['wall_s']:.0f})", flush=True)
     loads["end"] = loadavg()
     loads.setdefault("before_s", "—")
     print()
     print(table(workloads))
-    sections = report(args, mach, workloads, rss, off, loads, s_cmd,
+    sections = report(args, mach, workloads, rss, loads, s_cmd,
                       time.perf_counter() - t_start)
     if args.doc:
         doc = Path(args.doc)
@@ -738,7 +685,7 @@ def main() -> int:
         print(f"wrote {args.doc}")
     if args.json:
         args.json.write_text(json.dumps({"machine": mach, "loads": loads, "rss": rss,
-                                         "offline": off, "workloads": {
+                                         "workloads": {
                                              w.name: w.results for w in workloads}},
                                         indent=1, default=str))
     return 0

@@ -1,267 +1,480 @@
-"""Offline batch localization: a file of captures → predictions with GeoJSON, on Ray Data.
+"""Offline batch localization on Ray Data: a Parquet capture dataset → a GeoParquet dataset.
 
-Input: an NPZ with ``iq`` [n, R, S] complex64 (zero rows for absent receivers) and
-``present`` [n, R] bool, receivers in the network's slot order (``rfloc simulate --npz``
-writes one). Output: one row per capture, in input order, as Parquet (``.parquet``) or JSON
-lines (anything else): position, ENU mean and covariance, the ellipse, ``receivers_used``,
-the GeoJSON FeatureCollection as JSON text, and ``error`` (JSON text) for a capture that
-could not be localized.
+Streaming from end to end (docs/batch.md): `read_parquet` runs in the workers, each batch
+is decoded and localized by `BatchLocalizer` (the serving core: `pipeline.preprocess` →
+`infer` → `postprocess`) on an autoscaling actor pool, and Ray Data's distributed
+`write_parquet` writes the GeoParquet files. The driver reads the input files' footers,
+shows progress and sums up; nothing of the captures or the answers passes through it.
 
-The captures go through the serving core (`pipeline.preprocess` → `infer` → `postprocess`)
-in `BatchPredictor`, a class-based `map_batches` UDF on an autoscaling actor pool. Ray is
-imported inside `run_batch` only, so this module stays importable without a cluster.
+The job writes into a staging directory beside OUTPUT and renames it to OUTPUT once every
+capture is written, so OUTPUT is either absent or complete: a stopped job leaves only its
+staging directory, which the next run removes before it starts over; a completed OUTPUT
+is left as it is (`overwrite=True` replaces it). A capture that cannot be localized is a
+row with its `error`; a file that is not a readable capture dataset fails the job up
+front with an error naming the file.
+
+Ray is imported inside functions only, so the module stays importable without a cluster.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
+import os
+import re
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
+import pyarrow as pa
+import pyarrow.fs as pafs
 
+from serve_app.capture_parquet import (
+    CAPTURE_COLUMNS,
+    OPTIONAL_COLUMNS,
+    DecodedReceivers,
+    binary_list_views,
+    decode_receivers,
+)
 from serve_app.constants import DEFAULT_CONFIDENCE
-from serve_app.errors import InvalidInput
+from serve_app.errors import InvalidInput, RflocError
+from serve_app.geoparquet import FLOAT_COLUMNS, OUTPUT_SCHEMA, ellipse_wkb, point_wkb
 from serve_app.model import OnnxLocalizer
-from serve_app.pipeline import CaptureGroup, infer, postprocess, preprocess
-from serve_app.receivers import ReceiverNetwork, load_network
+from serve_app.pipeline import infer, postprocess, preprocess, stack_captures
+from serve_app.receivers import load_network
 from serve_app.schemas import ModelRef
 from serve_app.settings import DEFAULT_MODEL_DIR
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PATH = DEFAULT_MODEL_DIR / "localization_model.onnx"
-BLOCK_CAPTURES = 128  # captures per Ray Data block (~34 MB of standard captures)
-FLOAT_COLUMNS = (
-    "latitude", "longitude", "east_m", "north_m", "cov_ee_m2", "cov_en_m2", "cov_nn_m2",
-    "sigma_x", "sigma_y", "rho", "theta", "semi_major_m", "semi_minor_m", "orientation_deg",
-    "confidence_level", "area_m2",
-)
-TEXT_COLUMNS = ("receivers_used", "geojson", "error")
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_ROWS_PER_FILE = 8192
+SUCCESS_FILE = "_SUCCESS"
+STAGING_MARK = ".partial-"
+_GLOB = re.compile(r"[*?\[]")
 
 
-def write_npz(path: str | Path, n: int, seed: int = 1, *, max_missing: int = 0,
-              network: ReceiverNetwork | None = None) -> None:
-    """Simulate `n` captures and write them (with their true positions) as an input NPZ."""
-    from serve_app.simulate import sample_scenes, synthesize_iq
-
-    net = network or load_network()
-    rng = np.random.default_rng(seed)
-    scenes = sample_scenes(net, n, rng, max_missing=max_missing)
-    iq = synthesize_iq(net, scenes, rng)
-    iq[~scenes.present] = 0  # absent receivers carry no samples
-    lat, lon = net.to_geodetic(scenes.tx_enu_m[:, 0], scenes.tx_enu_m[:, 1])
-    np.savez(path, iq=iq.astype(np.complex64, copy=False), present=scenes.present,
-             truth_latlon=np.stack([lat, lon], axis=-1), receiver_ids=np.array(net.ids))
+class BatchError(RflocError):
+    """The batch job cannot run or did not complete (bad input or output location)."""
 
 
-def load_npz(path: str | Path, network: ReceiverNetwork | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """(iq [n, R, S] complex64, present [n, R] bool) from an input NPZ, checked."""
-    net = network or load_network()
-    with np.load(path, allow_pickle=False) as z:
-        for key in ("iq", "present"):
-            if key not in z:
-                raise InvalidInput(key, f"{path}: no array {key!r} in the NPZ")
-        iq, present = z["iq"], z["present"]
-        ids = z["receiver_ids"].tolist() if "receiver_ids" in z else None
-    if iq.ndim != 3 or iq.shape[1] != len(net) or not np.iscomplexobj(iq):
-        raise InvalidInput("iq", f"expected complex [n, {len(net)}, samples], got "
-                                 f"{iq.dtype} {iq.shape}")
-    if present.shape != iq.shape[:2] or present.dtype != np.bool_:
-        raise InvalidInput("present", f"expected bool {iq.shape[:2]}, got "
-                                      f"{present.dtype} {present.shape}")
-    if ids is not None and ids != net.ids:
-        raise InvalidInput("receiver_ids", f"{ids} do not match the network {net.ids}")
-    return iq.astype(np.complex64, copy=False), present
+# -- the per-batch work (no Ray) ----------------------------------------------------------------
 
-
-class BatchPredictor:
-    """The serving core over a batch of captures; a Ray Data UDF (or plain object in-process)."""
+class BatchLocalizer:
+    """Capture rows (a pyarrow Table) → GeoParquet rows; a Ray Data UDF or a plain object."""
 
     def __init__(self, model_path: str | None = None, receivers_path: str | None = None,
-                 confidence_level: float = DEFAULT_CONFIDENCE, n_vertices: int = 64) -> None:
+                 confidence_level: float = DEFAULT_CONFIDENCE, n_vertices: int = 64,
+                 stats: Any = None) -> None:
         self._network = load_network(receivers_path)
         self._model = OnnxLocalizer(model_path or DEFAULT_MODEL_PATH, self._network.ids)
         self._ref = ModelRef(name=Path(self._model.path).stem,
                              version=self._model.sha256[:12])
         self._confidence = confidence_level
         self._n_vertices = n_vertices
+        self._stats = stats
+        if stats is not None:
+            import ray
 
-    def predict(self, iq: np.ndarray, present: np.ndarray) -> dict[str, np.ndarray]:
-        """Prediction columns for captures iq [b, R, S] complex64, present [b, R]."""
-        b = iq.shape[0]
-        group = CaptureGroup(iq, present, np.full(b, self._confidence))
-        [g] = infer(preprocess([group], self._network), self._model, self._ref)
-        postprocess(g, self._network, self._n_vertices)
-        assert g.results is not None and g.mean_enu_m is not None and g.cov_enu_m2 is not None
-        cols: dict[str, Any] = {k: np.full(b, np.nan) for k in FLOAT_COLUMNS}
-        cols["east_m"], cols["north_m"] = g.mean_enu_m[:, 0].copy(), g.mean_enu_m[:, 1].copy()
-        cols["cov_ee_m2"] = g.cov_enu_m2[:, 0, 0].copy()
-        cols["cov_en_m2"] = g.cov_enu_m2[:, 0, 1].copy()
-        cols["cov_nn_m2"] = g.cov_enu_m2[:, 1, 1].copy()
-        text = {k: np.empty(b, object) for k in TEXT_COLUMNS}
-        for i, (res, err) in enumerate(zip(g.results, g.errors, strict=True)):
-            if res is None:
-                text["receivers_used"][i] = "[]"
-                text["geojson"][i] = ""
-                text["error"][i] = orjson.dumps(err).decode()
-                continue
-            cols["latitude"][i] = res["position"]["latitude"]
-            cols["longitude"][i] = res["position"]["longitude"]
-            for k, v in res["uncertainty"].items():
-                cols[k][i] = v
-            text["receivers_used"][i] = orjson.dumps(res["receivers_used"]).decode()
-            text["geojson"][i] = orjson.dumps(res["geojson"]).decode()
-            text["error"][i] = ""
-        return {**cols, **text}
+            stats.actor_started.remote(ray.util.get_node_ip_address())
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Ray Data entry point: `iq` arrives as float32 [b, R, 2S] (Arrow has no complex)."""
+    def decode(self, table: pa.Table) -> list[DecodedReceivers | InvalidInput]:
+        """Each row through `decode_receivers`: its IQ, or the error naming its field."""
+        ids = table.column("receiver_ids").to_pylist()
+        iq = binary_list_views(table.column("iq"))
+        datatypes = table.column("datatype").to_pylist()
+        rates = table.column("sample_rate_hz").to_pylist()
+        freqs = table.column("center_freq_hz").to_pylist()
+        out: list[DecodedReceivers | InvalidInput] = []
+        for i in range(table.num_rows):
+            try:
+                for name, value in (("receiver_ids", ids[i]), ("iq", iq[i]),
+                                    ("datatype", datatypes[i]), ("sample_rate_hz", rates[i]),
+                                    ("center_freq_hz", freqs[i])):
+                    if value is None:
+                        raise InvalidInput(name, "is null")
+                out.append(decode_receivers(ids[i], iq[i] or [], datatypes[i],
+                                            float(rates[i]), float(freqs[i]), self._network))
+            except InvalidInput as exc:
+                out.append(exc)
+        return out
+
+    def localize(self, table: pa.Table) -> pa.Table:
+        """The GeoParquet rows (OUTPUT_SCHEMA) of a table of capture rows, in its order."""
+        n = table.num_rows
+        decoded = self.decode(table)
+        good = [i for i, d in enumerate(decoded) if isinstance(d, DecodedReceivers)]
+        errors: list[tuple[str | None, str] | None] = [
+            None if isinstance(d, DecodedReceivers) else (d.field, d.message) for d in decoded]
+        cols: dict[str, Any] = {k: np.full(n, np.nan) for k in FLOAT_COLUMNS}
+        used: list[list[str] | None] = [None] * n
+        ellipses: list[dict | None] = [None] * n
+        if good:
+            caps = [decoded[i] for i in good]
+            group = stack_captures([(d.iq, d.slots) for d in caps],  # type: ignore[union-attr]
+                                   len(self._network), [self._confidence] * len(good))
+            [g] = infer(preprocess([group], self._network), self._model, self._ref)
+            postprocess(g, self._network, self._n_vertices)
+            assert g.results is not None and g.mean_enu_m is not None
+            assert g.cov_enu_m2 is not None
+            rows = np.asarray(good)
+            cols["east_m"][rows], cols["north_m"][rows] = g.mean_enu_m[:, 0], g.mean_enu_m[:, 1]
+            cols["cov_ee_m2"][rows] = g.cov_enu_m2[:, 0, 0]
+            cols["cov_en_m2"][rows] = g.cov_enu_m2[:, 0, 1]
+            cols["cov_nn_m2"][rows] = g.cov_enu_m2[:, 1, 1]
+            for i, res, err in zip(good, g.results, g.errors, strict=True):
+                if res is None:
+                    errors[i] = (err or {}).get("field"), (err or {}).get("message", "failed")
+                    for k in FLOAT_COLUMNS:
+                        cols[k][i] = np.nan
+                    continue
+                cols["latitude"][i] = res["position"]["latitude"]
+                cols["longitude"][i] = res["position"]["longitude"]
+                for k, v in res["uncertainty"].items():
+                    cols[k][i] = v
+                used[i] = res["receivers_used"]
+                ellipses[i] = res["geojson"]["features"][1]["geometry"]
+        names = table.column_names
+
+        def passthrough(name: str) -> pa.Array:
+            field = OUTPUT_SCHEMA.field(name)
+            if name not in names:
+                return pa.nulls(n, field.type)
+            return table.column(name).combine_chunks().cast(field.type)
+
+        return pa.table({
+            "capture_id": passthrough("capture_id"),
+            "geometry": pa.array(point_wkb(cols["longitude"], cols["latitude"]), pa.binary()),
+            "ellipse": pa.array(ellipse_wkb(ellipses), pa.binary()),
+            **{k: pa.array(cols[k], pa.float64(), from_pandas=True) for k in FLOAT_COLUMNS},
+            "receivers_used": pa.array(used, pa.list_(pa.string())),
+            "model_name": pa.array([self._ref.name] * n, pa.string()),
+            "model_version": pa.array([self._ref.version] * n, pa.string()),
+            "model_sha256": pa.array([self._model.sha256] * n, pa.string()),
+            "error": pa.array([None if e is None else (f"{e[0]}: {e[1]}" if e[0] else e[1])
+                               for e in errors], pa.string()),
+            "error_field": pa.array([None if e is None else e[0] for e in errors], pa.string()),
+            **{k: passthrough(k) for k in OPTIONAL_COLUMNS},
+        }, schema=OUTPUT_SCHEMA)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Ray Data entry point; reports the batch's size and time to the job's stats actor."""
         t0 = time.time()  # wall clock: comparable across the actors of one machine
-        iq = np.ascontiguousarray(batch["iq"]).view(np.complex64)
-        out = self.predict(iq, np.asarray(batch["present"], bool))
-        b = len(iq)
-        return {"index": np.asarray(batch["index"]), **out,
-                "_t_start": np.full(b, t0), "_t_end": np.full(b, time.time())}
+        out = self.localize(batch)
+        if self._stats is not None:
+            self._stats.add.remote(out.num_rows, t0, time.time())
+        return out
 
 
-def _rows(iq: np.ndarray, present: np.ndarray) -> list[dict[str, Any]]:
-    """One row per capture: index, iq as float32 [R, 2S] (Arrow has no complex), present."""
-    as_float = iq.view(np.float32)  # zero copy
-    return [{"index": i, "iq": as_float[i], "present": present[i]} for i in range(len(iq))]
+class JobStats:
+    """A Ray actor of the job: where the localizing actors ran and when they were busy."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.first_start = float("inf")
+        self.last_end = float("-inf")
+        self.nodes: dict[str, int] = {}
+
+    def actor_started(self, node_ip: str) -> None:
+        self.nodes[node_ip] = self.nodes.get(node_ip, 0) + 1
+
+    def add(self, rows: int, t_start: float, t_end: float) -> None:
+        self.rows += rows
+        self.first_start = min(self.first_start, t_start)
+        self.last_end = max(self.last_end, t_end)
+
+    def summary(self) -> dict:
+        busy = self.last_end - self.first_start
+        return {"rows": self.rows, "busy_s": busy if busy > 0 else None,
+                "actors_by_node": dict(self.nodes)}
 
 
-class _Writer:
-    """Parquet (one file) or JSON lines, by the output's suffix."""
+# -- input and output locations -----------------------------------------------------------------
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._parquet = path.suffix == ".parquet"
-        self._pq_writer: Any = None
-        self._jsonl = None if self._parquet else open(path, "wb")  # noqa: SIM115
+def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a path or URI, and the path within it."""
+    if "://" in location:
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except (pa.ArrowInvalid, OSError, ValueError) as exc:
+            raise BatchError(f"{location}: not a location pyarrow can open ({exc})") from None
+    return pafs.LocalFileSystem(), os.path.abspath(location)
 
-    def write(self, batch: dict[str, np.ndarray]) -> None:
-        batch = {k: v for k, v in batch.items() if not k.startswith("_")}
-        if self._parquet:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
 
-            table = pa.table({
-                k: pa.array([x or None for x in v.tolist()] if k in TEXT_COLUMNS else v)
-                for k, v in batch.items()})
-            if self._pq_writer is None:
-                self._pq_writer = pq.ParquetWriter(self._path, table.schema)
-            self._pq_writer.write_table(table)
-            return
-        assert self._jsonl is not None
-        keys = list(batch)
-        for i in range(len(batch["index"])):
-            row = {k: batch[k][i] for k in keys}
-            for k in ("receivers_used", "geojson", "error"):
-                row[k] = orjson.loads(row[k]) if row[k] else None
-            self._jsonl.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+def _visible(relative_path: str) -> bool:
+    """Not a hidden or metadata file or folder (pyarrow, Spark: a leading '.' or '_')."""
+    return not any(part.startswith((".", "_")) for part in relative_path.split("/"))
 
-    def close(self) -> None:
-        if self._pq_writer is not None:
-            self._pq_writer.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
 
+def resolve_input(source: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The Parquet files of a file, a directory (recursively), a glob or a URI of one."""
+    fs, path = _filesystem(source)
+    if _GLOB.search(path):
+        parts = path.split("/")
+        first = next(i for i, p in enumerate(parts) if _GLOB.search(p))
+        base = "/".join(parts[:first]) or "/"
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        files = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                       and fnmatch.fnmatchcase(i.path, path))
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            files = [path]
+        elif info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            files = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                           and _visible(i.path[len(path):].lstrip("/"))
+                           and i.path.endswith(".parquet"))
+        else:
+            raise BatchError(f"{source}: no such file or directory")
+    if not files:
+        raise BatchError(f"{source}: no Parquet files there")
+    return fs, files
+
+
+def _check_file(fs: pafs.FileSystem, path: str) -> tuple[int, set[str]]:
+    """(rows, optional columns present) of one input file; BatchError naming it otherwise."""
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f)
+            schema, rows = meta.schema_arrow, meta.metadata.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise BatchError(f"{path}: not a readable Parquet file ({exc})") from None
+    missing = [c for c in CAPTURE_COLUMNS if c not in schema.names]
+    if missing:
+        raise BatchError(f"{path}: not a capture dataset: no column(s) {', '.join(missing)} "
+                         "(docs/batch.md)")
+
+    def bad(name: str, want: str) -> BatchError:
+        return BatchError(f"{path}: column {name} is {schema.field(name).type}, expected {want}")
+
+    def is_list_of(t: pa.DataType, pred: Any) -> bool:
+        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pred(t.value_type)
+
+    types = {n: schema.field(n).type for n in schema.names}
+    text = (pa.types.is_string, pa.types.is_large_string)
+    if not any(p(types["capture_id"]) for p in text):
+        raise bad("capture_id", "string")
+    if not is_list_of(types["receiver_ids"], lambda t: any(p(t) for p in text)):
+        raise bad("receiver_ids", "list<string>")
+    if not is_list_of(types["iq"], lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+        raise bad("iq", "list<binary>")
+    if not any(p(types["datatype"]) for p in text):
+        raise bad("datatype", "string (a SigMF datatype such as cf32_le)")
+    for name in ("sample_rate_hz", "center_freq_hz"):
+        if not (pa.types.is_floating(types[name]) or pa.types.is_integer(types[name])):
+            raise bad(name, "a number")
+    return rows, {c for c in OPTIONAL_COLUMNS if c in schema.names}
+
+
+def check_input(fs: pafs.FileSystem, files: list[str]) -> tuple[int, list[str]]:
+    """Total rows and the optional columns every file has; reads the files' footers only."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        checked = list(pool.map(lambda p: _check_file(fs, p), files))
+    optional = set(OPTIONAL_COLUMNS)
+    for _, cols in checked:
+        optional &= cols
+    return sum(r for r, _ in checked), [c for c in OPTIONAL_COLUMNS if c in optional]
+
+
+def _output_state(fs: pafs.FileSystem, path: str) -> str:
+    """'absent', 'complete' (a finished job's output) or 'foreign' (anything else)."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return "absent"
+    if info.type == pafs.FileType.Directory and \
+            fs.get_file_info(f"{path}/{SUCCESS_FILE}").type == pafs.FileType.File:
+        return "complete"
+    return "foreign"
+
+
+def _remove_staging(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Remove what stopped runs left beside `path` (their staging directories).
+
+    A run stopped between the two renames of `overwrite` left the old complete output
+    aside: it is put back, not removed.
+    """
+    parent, name = path.rstrip("/").rsplit("/", 1) if "/" in path.rstrip("/") else ("", path)
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(parent or ".", allow_not_found=True)):
+        if not (info.base_name.startswith(name + STAGING_MARK)
+                and info.type == pafs.FileType.Directory):
+            continue
+        if info.base_name.startswith(f"{name}{STAGING_MARK}replaced-") \
+                and _output_state(fs, path) == "absent" \
+                and _output_state(fs, info.path) == "complete":
+            fs.move(info.path, path)
+            continue
+        fs.delete_dir(info.path)
+        removed.append(info.path)
+    return removed
+
+
+def read_summary(output: str) -> dict:
+    """The summary a completed job stored in its output's _SUCCESS file."""
+    fs, path = _filesystem(output)
+    with fs.open_input_stream(f"{path}/{SUCCESS_FILE}") as f:
+        return json.loads(f.read())
+
+
+def _count(fs: pafs.FileSystem, path: str) -> tuple[int, int, int]:
+    """(rows, rows with an error, files) of a GeoParquet output; reads two small columns."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    d = pads.dataset(path, filesystem=fs, format="parquet")
+    return (d.count_rows(), d.count_rows(filter=pc.field("error").is_valid()), len(d.files))
+
+
+def _spilled_mib() -> float | None:
+    """MiB this Ray instance spilled to disk so far (None if Ray does not say)."""
+    try:
+        import ray
+        from ray._private.internal_api import memory_summary
+
+        text = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
+        m = re.search(r"Spilled ([\d.]+) MiB", text)
+    except Exception:  # an internal API: a missing figure must not fail the job
+        return None
+    return float(m.group(1)) if m else 0.0
+
+
+def _read_error(exc: Exception, files: list[str]) -> BatchError:
+    """The error of a failed read, naming the input file (Ray's task error text names it)."""
+    text = str(exc)
+    causes = re.findall(r"(?m)^\s*(?:pyarrow\.lib\.)?(\w*(?:Arrow\w*|Error)): (.+)$", text)
+    reason = ": ".join(causes[-1]) if causes else type(exc).__name__
+    named = [f for f in files if f in text]
+    if named:
+        return BatchError(f"{named[0]}: corrupt Parquet data ({reason})")
+    return BatchError(f"reading the input failed ({reason})")
+
+
+# -- the job ------------------------------------------------------------------------------------
 
 def run_batch(
     input_path: str | Path,
     output_path: str | Path,
     *,
-    batch_size: int = 256,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     max_actors: int | None = None,
+    min_actors: int = 1,
     num_cpus: float = 1.0,
+    io_cpus: float = 0.0,
     model_path: str | None = None,
     confidence_level: float = DEFAULT_CONFIDENCE,
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+    overwrite: bool = False,
     progress: bool = True,
+    object_store_mib: int | None = None,
 ) -> dict:
-    """Localize every capture of `input_path` on Ray Data; write `output_path`; a summary.
+    """Localize every capture of `input_path` into the GeoParquet dataset `output_path`.
 
-    Uses the Ray instance this process is connected to, or starts a local one (which it
-    shuts down at the end). The actor pool autoscales from 1 to `max_actors` (default: the
-    cluster's CPUs / num_cpus) actors of `num_cpus` CPUs.
+    Uses the Ray cluster this process is connected to (or RAY_ADDRESS), else starts a local
+    instance and shuts it down at the end. The actor pool autoscales from `min_actors` to
+    `max_actors` (default: the cluster's CPUs / num_cpus) actors of `num_cpus` CPUs, spread
+    over the nodes (Ray Data's default scheduling). Read and write tasks reserve `io_cpus`
+    each, none by default: they mostly move bytes, and any CPU they reserve is one that
+    Ray Data's resource budget keeps from the actor pool (with 0.25, two 1-CPU actors never
+    started on a 2-CPU machine). Returns the summary (also stored in OUTPUT/_SUCCESS).
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     t0 = time.perf_counter()
-    network = load_network()
-    iq, present = load_npz(input_path, network)
-    n = len(iq)
+    in_fs, files = resolve_input(str(input_path))
+    n_rows, optional = check_input(in_fs, files)
+    out_fs, out = _filesystem(str(output_path))
+    state = _output_state(out_fs, out)
+    if state == "foreign":
+        raise BatchError(f"{output_path}: exists and is not the output of a completed "
+                         "`rfloc batch`; remove it or choose another OUTPUT")
+    if state == "complete" and not overwrite:
+        return {**read_summary(str(output_path)), "skipped": True}
+    removed = _remove_staging(out_fs, out)
+    if removed:
+        logger.warning("removed %d unfinished run(s) of %s: %s", len(removed), output_path,
+                       ", ".join(removed))
+    staging = f"{out}{STAGING_MARK}{uuid.uuid4().hex[:12]}"
+
     started = False
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                 object_store_memory=object_store_mib * 2**20 if object_store_mib else None)
         started = True
     try:
+        cpus = ray.cluster_resources().get("CPU", 1)
         if max_actors is None:
-            max_actors = max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
+            max_actors = max(1, int(cpus // num_cpus))
+        min_actors = min(min_actors, max_actors)
+        if min_actors * num_cpus > cpus - 1:
+            # Ray Data lists the input files in a 1-CPU task while the first actors start.
+            raise BatchError(f"{min_actors} actor(s) of {num_cpus:g} CPU would leave no CPU of "
+                             f"the cluster's {cpus:g} for listing the input; lower --num-cpus "
+                             "or --min-actors")
         ctx = DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # rows come out in input order
         ctx.enable_progress_bars = progress
-        # from_items builds the blocks here, without tasks: `from_arrow`/`from_numpy` run a
-        # 1-CPU task per block, which never starts on a cluster whose CPUs Serve holds.
-        n_blocks = -(-n // BLOCK_CAPTURES)
-        ds = ray.data.from_items(_rows(iq, present), override_num_blocks=n_blocks).map_batches(
-            BatchPredictor,
+        stats_actor: Any = ray.remote(num_cpus=0)(JobStats)
+        stats = stats_actor.remote()
+        # As many read tasks at once as actors: reading outpaces localizing many times over,
+        # and read tasks that reserve no CPU are otherwise launched for every file at once,
+        # filling the object store with input blocks that wait (and spill).
+        ds = ray.data.read_parquet(files, filesystem=in_fs, num_cpus=io_cpus,
+                                   concurrency=max_actors).select_columns(
+            [*CAPTURE_COLUMNS, *optional])
+        ds = ds.map_batches(
+            BatchLocalizer,
             batch_size=batch_size,
-            batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=1, max_size=max_actors),
+            batch_format="pyarrow",
+            # Not initial_size=max_actors: actors holding every CPU from the start leave
+            # none for Ray Data's file-listing task (1 CPU), and the job never starts.
+            compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             num_cpus=num_cpus,
             fn_constructor_kwargs={"model_path": str(model_path) if model_path else None,
-                                   "confidence_level": confidence_level},
+                                   "confidence_level": confidence_level, "stats": stats},
         )
-        out = Path(output_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        writer = _Writer(out)
-        t_ready = time.perf_counter()
-        rows = failed = 0
-        busy_from, busy_to = np.inf, -np.inf
+        t_run = time.perf_counter()
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                writer.write(batch)
-                rows += len(batch["index"])
-                failed += int(sum(1 for e in batch["error"] if e))
-                busy_from = min(busy_from, float(batch["_t_start"].min()))
-                busy_to = max(busy_to, float(batch["_t_end"].max()))
-        finally:
-            writer.close()
+            ds.write_parquet(staging, filesystem=out_fs, schema=OUTPUT_SCHEMA,
+                             min_rows_per_file=rows_per_file, compression="zstd",
+                             ray_remote_args={"num_cpus": io_cpus})
+        except pa.ArrowException as exc:  # a read task met data its footer did not promise
+            raise _read_error(exc, files) from None
         t_end = time.perf_counter()
+        job: dict = ray.get(stats.summary.remote())
+        spilled = _spilled_mib()
     finally:
         if started:
             ray.shutdown()
-    if rows != n:
-        raise RuntimeError(f"wrote {rows} rows for {n} captures")
-    return {
-        "captures": n, "failed": failed, "output": str(out),
-        "startup_s": round(t_ready - t0, 3),
-        "pipeline_s": round(t_end - t_ready, 3),
-        "captures_s": round(n / (t_end - t_ready), 1),
-        # from the first batch's start to the last one's end in the actors: the rate once
-        # actors are up and the model loaded (what the pool sustains)
-        "processing_captures_s": round(n / (busy_to - busy_from), 1)
-        if busy_to > busy_from else None,
-        "max_actors": max_actors, "batch_size": batch_size,
+
+    rows, failed, n_files = _count(out_fs, staging)
+    if rows != n_rows:
+        raise BatchError(f"wrote {rows} rows for {n_rows} captures; {staging} kept for a look")
+    summary = {
+        "captures": n_rows, "failed": failed, "output": str(output_path), "files": n_files,
+        "input_files": len(files), "startup_s": round(t_run - t0, 3),
+        "run_s": round(t_end - t_run, 3),
+        "captures_s": round(n_rows / (t_end - t_run), 1),
+        # first batch in to last batch out in the actors: what the pool sustains once up
+        "busy_captures_s": round(n_rows / job["busy_s"], 1) if job["busy_s"] else None,
+        "actors_by_node": job["actors_by_node"], "max_actors": max_actors,
+        "batch_size": batch_size, "spilled_mib": spilled,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "skipped": False,
     }
-
-
-def predict_in_process(iq: np.ndarray, present: np.ndarray, **kwargs: Any) -> dict[str, np.ndarray]:
-    """The same columns computed in this process, in one vectorized pass (a reference)."""
-    return BatchPredictor(**kwargs).predict(iq, present)
-
-
-def read_output(path: str | Path) -> list[dict]:
-    """Rows of a `run_batch` output file (Parquet or JSON lines), in order."""
-    p = Path(path)
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(p).to_pylist()
-    return [json.loads(line) for line in p.read_text().splitlines() if line]
+    with out_fs.open_output_stream(f"{staging}/{SUCCESS_FILE}") as f:
+        f.write(json.dumps(summary, indent=1).encode())
+    if state == "complete":  # overwrite: the old output goes only once the new one is whole
+        old = f"{out}{STAGING_MARK}replaced-{uuid.uuid4().hex[:12]}"
+        out_fs.move(out, old)
+        out_fs.move(staging, out)
+        out_fs.delete_dir(old)
+    else:
+        out_fs.move(staging, out)
+    return summary

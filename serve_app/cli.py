@@ -118,11 +118,13 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
     from serve_app.samples import make_samples
 
-    if a.npz:  # an input file of `rfloc batch` instead of request JSON
-        from serve_app.batch import write_npz
+    if a.parquet:  # a capture dataset for `rfloc batch` instead of request JSON
+        from serve_app.capture_parquet import write_capture_dataset
 
-        write_npz(a.npz, a.n, a.seed, max_missing=a.max_missing)
-        print(f"wrote {a.n} capture(s) to {a.npz}")
+        files = write_capture_dataset(a.parquet, a.n, seed=a.seed, shards=a.shards,
+                                      datatype=a.datatype, max_missing=a.max_missing,
+                                      workers=a.workers, progress=a.n >= 4096)
+        print(f"wrote {a.n} capture(s) to {a.parquet} ({len(files)} file(s))")
         return 0
     s = make_samples(a.n, a.seed, form=a.form, max_missing=a.max_missing)
     body = s.requests[0] if a.n == 1 else {"captures": s.requests}
@@ -135,20 +137,29 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
 
 def cmd_batch(a: argparse.Namespace) -> int:
-    """Localize every capture of an NPZ file on Ray Data; write predictions with GeoJSON."""
-    for key, value in LOOPBACK_ENV.items():  # before Ray is imported, which reads them
-        os.environ.setdefault(key, value)
+    """Localize a Parquet capture dataset on Ray Data into a GeoParquet dataset."""
+    if os.environ.get("RAY_ADDRESS", "local") == "local":  # a local instance: on 127.0.0.1
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     private_ray_token(os.environ)  # Ray would write a missing one readable by all
     from serve_app.batch import run_batch
 
     summary = run_batch(a.input, a.output, batch_size=a.batch_size, max_actors=a.max_actors,
-                        num_cpus=a.num_cpus, model_path=a.model,
-                        confidence_level=a.confidence_level, progress=not a.no_progress)
+                        min_actors=a.min_actors, num_cpus=a.num_cpus, model_path=a.model,
+                        confidence_level=a.confidence_level, rows_per_file=a.rows_per_file,
+                        overwrite=a.overwrite, progress=not a.no_progress,
+                        object_store_mib=a.object_store_mib)
     if a.json_summary:
         print(json.dumps(summary))
+    elif summary["skipped"]:
+        print(f"{summary['output']} is already complete ({summary['captures']} captures, "
+              f"{summary['failed']} failed, finished {summary['finished']}); nothing to do "
+              "(--overwrite runs the job again)")
     else:
-        print(f"wrote {summary['captures']} predictions ({summary['failed']} failed) to "
-              f"{summary['output']}: {summary['captures_s']:.0f} captures/s")
+        busy = summary["busy_captures_s"]
+        print(f"{summary['captures']} captures, {summary['failed']} failed, "
+              f"{summary['captures_s']:,.0f} captures/s"
+              + (f" ({busy:,.0f}/s while the actors were busy)" if busy else "")
+              + f" -> {summary['output']} ({summary['files']} file(s))")
     return 0
 
 
@@ -229,18 +240,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--form", choices=["b64", "pairs", "int16"], default="b64")
     s.add_argument("--max-missing", type=int, default=0)
     s.add_argument("--truth", default=None, help="also write the true positions here")
-    s.add_argument("--npz", default=None, help="write an `rfloc batch` input NPZ here instead")
+    s.add_argument("--parquet", default=None, metavar="DIR",
+                   help="write a capture dataset for `rfloc batch` into DIR instead")
+    s.add_argument("--shards", type=int, default=None,
+                   help="files of the --parquet dataset (default: one per 2,048 captures)")
+    s.add_argument("--datatype", default="cf32_le", choices=["cf32_le", "ci16_le"],
+                   help="IQ datatype of the --parquet dataset (SigMF name)")
+    s.add_argument("--workers", type=int, default=1, help="processes simulating --parquet")
     s.set_defaults(func=cmd_simulate)
 
-    s = sub.add_parser("batch", help="localize a file of captures offline on Ray Data")
-    s.add_argument("input", help="NPZ with iq [n, R, S] complex64 and present [n, R] bool")
-    s.add_argument("output", help="predictions: .parquet, or JSON lines for any other suffix")
-    s.add_argument("--batch-size", type=int, default=256)
+    s = sub.add_parser("batch", help="localize a Parquet capture dataset offline on Ray Data")
+    s.add_argument("input", help="Parquet capture dataset: a file, a directory, a glob or a URI")
+    s.add_argument("output", help="GeoParquet dataset to write: a directory (path or URI)")
+    s.add_argument("--batch-size", type=int, default=256, help="captures per actor call")
     s.add_argument("--max-actors", type=int, default=None,
                    help="upper bound of the autoscaling actor pool (default: CPUs / num-cpus)")
+    s.add_argument("--min-actors", type=int, default=1, help="lower bound of the actor pool")
     s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
     s.add_argument("--model", default=None, help="ONNX file (default: the shipped model)")
     s.add_argument("--confidence-level", type=float, default=0.95)
+    s.add_argument("--rows-per-file", type=int, default=8192,
+                   help="at least this many rows per output file (the last may have fewer)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="run again over a completed OUTPUT and replace it")
+    s.add_argument("--object-store-mib", type=int, default=None,
+                   help="object store size of the local Ray instance this command starts")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json-summary", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=cmd_batch)

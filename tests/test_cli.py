@@ -58,3 +58,22 @@ def test_simulate_writes_requests_and_truth(rfloc, tmp_path):
     body = json.loads(out.read_text())
     assert len(body["captures"]) == 3 and "iq" in body["captures"][0]["receivers"][0]
     assert len(json.loads(truth.read_text())) == 3
+
+
+def test_simulate_parquet_then_batch_refuses_a_foreign_file(rfloc, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "captures"
+    p = rfloc("simulate", "--parquet", str(d), "--n", "80", "--shards", "2", "--datatype",
+              "ci16_le")
+    assert "wrote 80 capture(s)" in p.stdout
+    t = pq.read_table(d)
+    assert t.num_rows == 80 and set(t.column("datatype").to_pylist()) == {"ci16_le"}
+    assert len(list(d.glob("*.parquet"))) == 2
+    foreign = d / "zz-notes.parquet"
+    pq.write_table(pa.table({"note": ["not captures"]}), foreign)
+    p = rfloc("batch", str(d), str(tmp_path / "out"), ok=False)  # fails before Ray starts
+    assert p.returncode == 2
+    assert f"rfloc batch: {foreign}: not a capture dataset: no column(s) capture_id" in p.stderr
+    assert not (tmp_path / "out").exists()

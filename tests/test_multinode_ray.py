@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -49,6 +52,26 @@ def test_replicas_on_both_nodes_and_serving(cluster, sample_requests):
         assert r.status_code == 200, r.text
     p = cluster.serve("status")
     assert p.returncode == 0 and "RUNNING" in p.stdout
+
+
+def test_batch_job_on_both_nodes(cluster, network, tmp_path):
+    """`rfloc batch` onto the cluster: actors on both nodes, the in-process answers."""
+    from serve_app.capture_parquet import write_capture_dataset
+    from tests.test_batch_offline import N_CAPTURES, assert_matches_reference
+
+    captures, out = tmp_path / "captures", tmp_path / "predictions"
+    write_capture_dataset(captures, N_CAPTURES, seed=5, shards=3, max_missing=3)
+    env = {**cluster.env, "RAY_ADDRESS": f"{cluster.head_ip}:{cluster.gcs_port}"}
+    p = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "batch", str(captures), str(out),
+         "--min-actors", "2", "--max-actors", "2", "--num-cpus", "0.2", "--batch-size", "8",
+         "--no-progress", "--json-summary"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert set(summary["actors_by_node"]) == {cluster.head_ip, cluster.worker_ip}, summary
+    assert summary["captures"] == N_CAPTURES
+    assert_matches_reference(out, captures, network)
 
 
 def test_worker_node_lost_under_load(cluster, sample_requests):

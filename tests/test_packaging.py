@@ -98,8 +98,8 @@ def copy_sources() -> list[str]:
 
 def readme_run_command() -> str:
     """The command of Quickstart step 1 of the README (after the locked install)."""
-    m = re.search(r"^pip install -c requirements\.lock -e \. && (.+?)\s+# 1\.", (REPO / "README.md").read_text(),
-                  re.MULTILINE)
+    m = re.search(r"^pip install -c requirements\.lock -e \. && (.+?)\s+# 1\.",
+                  (REPO / "README.md").read_text(), re.MULTILINE)
     assert m, "README quickstart step 1 not found"
     return m.group(1).strip()
 
