@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import struct
 import threading
@@ -23,15 +22,11 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.schemas import ModelRef, Uncertainty
 from serve_app.settings import redact_url
-
-try:
-    import orjson
-except ImportError:  # pragma: no cover - orjson is a declared dependency
-    orjson = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +56,11 @@ def cache_key(
 
 
 def _dumps(value: dict) -> bytes:
-    if orjson is not None:
-        return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
-    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _loads(raw: bytes) -> dict:
-    value = orjson.loads(raw) if orjson is not None else json.loads(raw)
+    value = orjson.loads(raw)
     if not isinstance(value, dict):
         raise ValueError(f"cached value is a JSON {type(value).__name__}, not an object")
     return value

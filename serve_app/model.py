@@ -21,11 +21,8 @@ MAX_SANE_OFFSET_M = 2_000_000.0
 
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _json_meta(path: Path, meta: dict[str, str], key: str, default: str, kind: type) -> Any:

@@ -13,7 +13,6 @@ fails fast; operators can still override both through the environment.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from serve_app.errors import ModelError, RegistryUnavailable, RflocError
+from serve_app.model import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +69,6 @@ class ResolvedModel:
     onnx_path: Path
     card: dict
     sha256: str
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def embedded_uris(state_dir: Path) -> tuple[str, str]:
@@ -197,7 +188,7 @@ class ModelRegistry:
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise ModelError(f"ONNX file not found: {onnx_path}")
-        sha = file_sha256(onnx_path)
+        sha = sha256_file(onnx_path)
         card_out = {**(card or {}), SHA_TAG: sha}
         run_tags = {SHA_TAG: sha}
         if FEATURE_SPEC_TAG in card_out:
@@ -403,7 +394,7 @@ class ModelRegistry:
         onnx = target / ONNX_FILENAME
         if not (onnx.is_file() and (target / CARD_FILENAME).is_file()):
             return False
-        if file_sha256(onnx) != expected:
+        if sha256_file(onnx) != expected:
             logger.warning("cached %s does not match its sha256 tag; downloading again", onnx)
             return False
         return True
@@ -433,7 +424,7 @@ class ModelRegistry:
                     f"{self.model_name!r} version {version} artifact lacks {ONNX_FILENAME} or "
                     f"{CARD_FILENAME} (source {source})"
                 )
-            actual = file_sha256(onnx)
+            actual = sha256_file(onnx)
             if actual != expected:
                 raise ModelError(
                     f"{self.model_name!r} version {version}: {ONNX_FILENAME} sha256 {actual} "

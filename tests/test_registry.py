@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from serve_app.errors import ModelError, RegistryUnavailable
+from serve_app.model import sha256_file
 from serve_app.registry import (
     CARD_FILENAME,
     MAX_RETRIES_ENV,
@@ -24,7 +25,6 @@ from serve_app.registry import (
     ModelRegistry,
     embedded_uris,
     ensure_bootstrapped,
-    file_sha256,
 )
 
 SERVER_START_TIMEOUT_S = 60.0
@@ -140,7 +140,7 @@ def test_register_versions_and_aliases(
     rows = registry.versions()
     assert [r["version"] for r in rows] == ["2", "1"]
     assert rows[0]["aliases"] == ["staging"] and rows[1]["aliases"] == ["production"]
-    assert rows[1]["sha256"] == file_sha256(a) and rows[0]["sha256"] == file_sha256(b)
+    assert rows[1]["sha256"] == sha256_file(a) and rows[0]["sha256"] == sha256_file(b)
     assert rows[1]["accuracy"] == {"median_error_m": 812.5, "p95_error_m": 4100.0}
     assert rows[1]["description"] == "first" and rows[0]["accuracy"] == {}
     assert rows[0]["created"].endswith("+00:00")
@@ -154,13 +154,13 @@ def test_resolve_by_alias_and_version(registry: ModelRegistry, onnx_files: tuple
 
     by_alias = registry.resolve("production")
     assert by_alias.version == "2" and by_alias.alias == "production"
-    assert by_alias.sha256 == file_sha256(b) == file_sha256(by_alias.onnx_path)
+    assert by_alias.sha256 == sha256_file(b) == sha256_file(by_alias.onnx_path)
     assert by_alias.onnx_path.parent == registry.cache_dir / registry.model_name / "2"
 
     by_version = registry.resolve("1")
     assert by_version.version == "1" and by_version.alias is None
-    assert file_sha256(by_version.onnx_path) == file_sha256(a)
-    assert by_version.card["onnx_sha256"] == file_sha256(a)
+    assert sha256_file(by_version.onnx_path) == sha256_file(a)
+    assert by_version.card["onnx_sha256"] == sha256_file(a)
     assert by_version.card["receivers"] == CARD["receivers"]
     onnx.checker.check_model(str(by_version.onnx_path))
 
@@ -180,7 +180,7 @@ def test_tampered_cache_is_refetched(registry: ModelRegistry, onnx_files: tuple[
     resolved = registry.resolve("production")
     resolved.onnx_path.write_bytes(b"not the model")
     again = registry.resolve("production")
-    assert file_sha256(again.onnx_path) == file_sha256(a)
+    assert sha256_file(again.onnx_path) == sha256_file(a)
 
 
 def test_tampered_store_artifact_raises(
@@ -240,7 +240,7 @@ def test_ensure_bootstrapped_is_idempotent(
     assert ensure_bootstrapped(registry, a, CARD, "production") == "1"
     assert ensure_bootstrapped(registry, a, CARD, "production") == "1"
     assert [r["version"] for r in registry.versions()] == ["1"]
-    assert registry.resolve("production").sha256 == file_sha256(a)
+    assert registry.resolve("production").sha256 == sha256_file(a)
 
 
 def test_missing_file_raises(registry: ModelRegistry, tmp_path: Path) -> None:
@@ -324,14 +324,14 @@ def test_mlflow_server_roundtrip(mlflow_server: str, tmp_path: Path, onnx_files)
     registry.set_alias("production", "2")
 
     resolved = registry.resolve("production")
-    assert resolved.version == "2" and resolved.sha256 == file_sha256(b)
-    assert file_sha256(resolved.onnx_path) == file_sha256(b)
+    assert resolved.version == "2" and resolved.sha256 == sha256_file(b)
+    assert sha256_file(resolved.onnx_path) == sha256_file(b)
     assert (resolved.onnx_path.parent / CARD_FILENAME).is_file()
     assert registry.versions()[0]["aliases"] == ["production"]
     assert registry.versions()[1]["accuracy"]["median_error_m"] == 812.5
 
     assert registry.rollback() == "1"
-    assert registry.resolve("production").sha256 == file_sha256(a)
+    assert registry.resolve("production").sha256 == sha256_file(a)
     with pytest.raises(ModelError, match="no version 9"):
         registry.resolve("9")
 
@@ -339,8 +339,8 @@ def test_mlflow_server_roundtrip(mlflow_server: str, tmp_path: Path, onnx_files)
 def test_version_sha256(registry: ModelRegistry, onnx_files: tuple[Path, Path]) -> None:
     a, b = onnx_files
     va, vb = registry.register(a), registry.register(b)
-    assert registry.version_sha256(va) == file_sha256(a)
-    assert registry.version_sha256(vb) == file_sha256(b) != file_sha256(a)
+    assert registry.version_sha256(va) == sha256_file(a)
+    assert registry.version_sha256(vb) == sha256_file(b) != sha256_file(a)
     assert registry.version_sha256("999") is None
 
 
@@ -357,12 +357,12 @@ def test_alias_watcher_swaps_whole_refs(registry: ModelRegistry, onnx_files) -> 
     watcher.check()
     first = watcher.ref
     assert first is not None and (first.version, first.alias) == (va, "production")
-    assert first.sha256 == file_sha256(a) and watcher.versions == (vb, va)
+    assert first.sha256 == sha256_file(a) and watcher.versions == (vb, va)
     watcher.check()
     assert watcher.ref is first  # unchanged alias: the same frozen ref, no new lookups
     registry.set_alias("production", vb)
     watcher.check()
-    assert watcher.ref is not first and watcher.ref.sha256 == file_sha256(b)
+    assert watcher.ref is not first and watcher.ref.sha256 == sha256_file(b)
     assert first.version == va  # a reader holding the old ref still sees it whole
     assert watcher.configure("canary") and not watcher.configure("canary")
     watcher.check()
