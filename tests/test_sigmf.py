@@ -336,3 +336,26 @@ def test_iter_recording_sets_yields_one_capture_or_error_per_set(
     items = list(iter_recording_sets(tmp_path, network))
     assert [type(x).__name__ for x in items] == ["SetCapture", "RecordingError", "SetCapture"]
     assert items[0].source == str(sim.paths[0])  # type: ignore[union-attr]
+
+
+def test_to_row_is_one_capture_of_one_datatype(tmp_path: Path, network: ReceiverNetwork) -> None:
+    rng = np.random.default_rng(1)
+    rec = {rid: (0.2 * rng.standard_normal(N_SAMPLES) + 0j).astype(np.complex64)
+           for rid in network.ids[:3]}
+    common: dict[str, Any] = {"sample_rate_hz": SAMPLE_RATE_HZ, "center_freq_hz": 145.5e6,
+                              "start_s": dict.fromkeys(rec, 1.8e9), "auto_gain": False}
+    path = write_recording_set(tmp_path / "set", rec, network, datatype="ci8", **common)
+    row = read_recording_set(path, network).to_row()
+    assert row["capture_id"] == "set" and row["datatype"] == "ci8"
+    assert row["receiver_ids"] == network.ids[:3] and len(row["iq"][0]) == 2 * N_SAMPLES
+    assert row["timestamp"].timestamp() == 1.8e9
+    # One receiver in another type: the whole capture goes as cf32_le, values kept.
+    write_recording_set(tmp_path / "other", {network.ids[0]: rec[network.ids[0]]}, network,
+                        datatype="ci16_le", **common)
+    shutil.copy(tmp_path / "other" / f"{network.ids[0]}.sigmf-meta", path)
+    shutil.copy(tmp_path / "other" / f"{network.ids[0]}.sigmf-data", path)
+    mixed = read_recording_set(path, network)
+    row = mixed.to_row()
+    assert mixed.datatypes == ["ci16_le", "ci8", "ci8"] and row["datatype"] == "cf32_le"
+    np.testing.assert_array_equal(np.frombuffer(row["iq"][1], np.complex64),
+                                  SAMPLE_TYPES["ci8"].to_complex64(mixed.iq[1]))

@@ -353,6 +353,29 @@ class SetCapture:
         return body
 
 
+    def to_row(self) -> dict[str, Any]:
+        """One row of a capture dataset (the batch path's columns): one datatype per capture.
+
+        Receivers recorded in different types (or with a gain taken out) go as cf32_le.
+        """
+        if len(set(self.datatypes)) == 1:
+            datatype, iq = self.datatypes[0], list(self.iq)
+        else:
+            datatype = "cf32_le"
+            iq = [SAMPLE_TYPES[d].to_complex64(raw).astype("<c8").tobytes()
+                  for raw, d in zip(self.iq, self.datatypes, strict=True)]
+        return {
+            "capture_id": Path(self.source).name,
+            "receiver_ids": list(self.receiver_ids),
+            "iq": iq,
+            "datatype": datatype,
+            "sample_rate_hz": self.sample_rate_hz,
+            "center_freq_hz": self.center_freq_hz,
+            "timestamp": None if self.start is None else
+            datetime.fromtimestamp(parse_datetime(self.start), UTC),
+        }
+
+
 def _sample_rate(rec: Recording, network_rate_hz: float) -> float:
     rate = rec.global_field("core:sample_rate")
     if rate is None:
