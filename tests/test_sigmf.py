@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from pyproj import Geod
 from sigmf.sigmffile import fromfile
+from sigmf.validate import main as sigmf_validate
 
 from serve_app.constants import N_SAMPLES, SAMPLE_RATE_HZ
 from serve_app.decode import decode_capture, encode_capture
@@ -64,6 +65,8 @@ def _localize(request: dict[str, Any], network: ReceiverNetwork, model: OnnxLoca
 
 
 def _validate_with_sigmf(meta_paths: list[Path]) -> None:
+    assert meta_paths
+    sigmf_validate([str(p) for p in meta_paths])  # the `sigmf_validate` command: exit 1 if not
     for meta_path in meta_paths:
         rec = fromfile(meta_path)  # verifies core:sha512 against the data file
         rec.validate()
