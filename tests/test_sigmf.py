@@ -362,3 +362,35 @@ def test_to_row_is_one_capture_of_one_datatype(tmp_path: Path, network: Receiver
     assert mixed.datatypes == ["ci16_le", "ci8", "ci8"] and row["datatype"] == "cf32_le"
     np.testing.assert_array_equal(np.frombuffer(row["iq"][1], np.complex64),
                                   SAMPLE_TYPES["ci8"].to_complex64(mixed.iq[1]))
+
+
+def test_readme_metadata_template_reads_and_its_error_example_is_the_real_message(
+    tmp_path: Path, network: ReceiverNetwork
+) -> None:
+    """The README's "Your own recordings" metadata, as written, for three receivers."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Your own recordings", 1)[1]
+    template = json.loads(re.search(r"```json\n(.+?)```", section, re.S).group(1))  # type: ignore[union-attr]
+    rng = np.random.default_rng(3)
+    myset = tmp_path / "myset"
+    myset.mkdir()
+    for rid in ("torino", "milano", "genova"):
+        meta = json.loads(json.dumps(template))
+        meta["global"][RECEIVER_ID_KEY] = rid
+        (myset / f"{rid}.sigmf-meta").write_text(json.dumps(meta))
+        (myset / f"{rid}.sigmf-data").write_bytes(rng.integers(0, 256, 2 * N_SAMPLES + 100,
+                                                               np.uint8).tobytes())
+    _validate_with_sigmf(sorted(myset.glob("*.sigmf-meta")))
+    capture = read_recording_set(myset, network)
+    assert capture.receiver_ids == ["torino", "milano", "genova"]
+    assert capture.datatypes == ["cu8"] * 3 and capture.start == "2026-11-30T17:00:00.000000Z"
+    meta_path = myset / "milano.sigmf-meta"
+    meta = json.loads(meta_path.read_text())
+    meta["global"]["core:sample_rate"] = 44100
+    meta_path.write_text(json.dumps(meta))
+    example = re.search(r"`(myset/milano\.sigmf-meta: .+?)`", section).group(1)  # type: ignore[union-attr]
+    with pytest.raises(RecordingError) as exc:
+        read_recording_set(myset, network)
+    assert str(exc.value) == example.replace("myset/", f"{myset}/")
