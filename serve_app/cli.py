@@ -124,7 +124,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
         sim = write_simulated_sets(a.sigmf, a.n, a.seed, network=load_network(a.receivers),
                                    datatype=a.dtype, archive=a.archive,
-                                   max_missing=a.max_missing)
+                                   max_missing=a.max_missing, keep_iq=False)
         first = f" ({sim.paths[0]}" + (f" ... {sim.paths[-1].name})" if a.n > 1 else ")")
         print(f"wrote {a.n} recording set(s) of {a.dtype} to {a.sigmf}{first}")
         return 0

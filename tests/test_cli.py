@@ -127,6 +127,7 @@ def test_predict_a_sigmf_recording_set_like_its_complex64_json(rfloc, tmp_path, 
     net = load_network()
     sim = write_simulated_sets(tmp_path / "again", 2, 8, network=net, datatype=dtype)
     tolerance_m = {"ci16_le": 1.0, "cu8": 1000.0}[dtype]
+    assert sim.iq is not None
     for i in range(2):
         ids = [net.ids[j] for j in np.flatnonzero(sim.present[i])]
         request = tmp_path / f"capture{i}.json"

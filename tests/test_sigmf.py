@@ -97,6 +97,7 @@ def test_round_trip_localizes_like_complex64_json(
         assert capture.receiver_ids == ids
         assert capture.sample_rate_hz == SAMPLE_RATE_HZ
         via_sigmf, power_sigmf = _localize(capture.to_request(), network, model)
+        assert sim.iq is not None
         via_json, power_json = _localize(encode_capture(sim.iq[i][sim.present[i]], ids),
                                          network, model)
         assert np.abs(power_sigmf - power_json).max() <= POWER_TOL_DB[datatype]

@@ -574,7 +574,7 @@ def write_recording_set(
 ) -> Path:
     """Write one recording per receiver (normalized complex64 IQ) as a directory or archive.
 
-    Each file is validated by the `sigmf` package before it is written; with `auto_gain`
+    Each file is validated against the `sigmf` package's schema first; with `auto_gain`
     an integer recording carries the ``rfloc:gain_db`` that fits it to the converter.
     """
     kind = SAMPLE_TYPES[datatype]
@@ -588,7 +588,7 @@ def write_recording_set(
                               center_freq_hz=center_freq_hz, start_s=start_s[rid],
                               gain_db=gain_db, annotations=(annotations or {}).get(rid, ()))
         meta.set_data_file(data_buffer=io.BytesIO(data))  # computes core:sha512
-        meta.validate()
+        _validate(meta)  # sigmf's checks (tests/test_sigmf.py runs sigmf_validate on these)
         files += [(f"{rid}{META_EXT}", (meta.dumps(pretty=True) + "\n").encode()),
                   (f"{rid}{DATA_EXT}", data)]
     if archive:
@@ -620,9 +620,12 @@ class SimulatedSets:
     """Recording sets written by `write_simulated_sets`, with what they should decode to."""
 
     paths: list[Path]
-    iq: np.ndarray  # [n, R, S] complex64: the capture window of every receiver
+    iq: np.ndarray | None  # [n, R, S] complex64: every receiver's capture window (keep_iq)
     present: np.ndarray  # [n, R] bool
     truth_latlon: np.ndarray  # [n, 2]
+
+
+_SIM_CHUNK = 64  # scenes simulated at once (~25 MB of IQ)
 
 
 def write_simulated_sets(
@@ -635,6 +638,7 @@ def write_simulated_sets(
     archive: bool = False,
     max_missing: int = 0,
     start_s: float | None = None,
+    keep_iq: bool = True,
 ) -> SimulatedSets:
     """Simulate `n` scenes and write each as a recording set ``out_dir/NNNN`` (or NNNN.sigmf).
 
@@ -646,39 +650,47 @@ def write_simulated_sets(
 
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
-    scenes = sample_scenes(network, n, rng, max_missing=max_missing)
-    full = synthesize_iq(network, scenes, rng, n_samples=N_SAMPLES + 2 * _MAX_SKEW)
-    lat, lon = network.to_geodetic(scenes.tx_enu_m[:, 0], scenes.tx_enu_m[:, 1])
     t0 = float(math.floor(datetime.now(UTC).timestamp())) if start_s is None else start_s
     center_hz = float(network.spec.center_freq_hz)
-    paths = []
-    for i in range(n):
-        slots = np.flatnonzero(scenes.present[i])
-        lead = rng.integers(0, _MAX_SKEW // _SKEW_STEP + 1, len(slots)) * _SKEW_STEP
-        tail = rng.integers(0, _MAX_SKEW // _SKEW_STEP + 1, len(slots)) * _SKEW_STEP
-        lead[rng.integers(len(slots))] = 0  # the latest starter opens the window
-        t_window = t0 + i  # one scene per second
-        recordings, starts, notes = {}, {}, {}
-        for j, slot in enumerate(slots):
-            rid = network.ids[slot]
-            first = _MAX_SKEW - int(lead[j])
-            recordings[rid] = full[i, slot, first : _MAX_SKEW + N_SAMPLES + int(tail[j])]
-            starts[rid] = t_window - int(lead[j]) / SAMPLE_RATE_HZ
-            offset_hz = float(scenes.carrier_offset_hz[i])
-            notes[rid] = [(int(lead[j]), N_SAMPLES, {
-                "core:label": "transmitter",
-                "core:comment": "simulated transmitter: its true position and power",
-                "core:freq_lower_edge": center_hz + offset_hz - 6_250.0,
-                "core:freq_upper_edge": center_hz + offset_hz + 6_250.0,
-                "core:latitude": float(lat[i]),
-                "core:longitude": float(lon[i]),
-                "rfloc:tx_power_dbm": float(scenes.tx_power_dbm[i]),
-                "rfloc:rx_power_dbm": float(scenes.rx_power_dbm[i, slot]),
-            })]
-        paths.append(write_recording_set(
-            out / f"{i:04d}", recordings, network, datatype=datatype,
-            sample_rate_hz=SAMPLE_RATE_HZ, center_freq_hz=center_hz, start_s=starts,
-            annotations=notes, archive=archive))
-    window = full[:, :, _MAX_SKEW : _MAX_SKEW + N_SAMPLES].copy()
-    window[~scenes.present] = 0
-    return SimulatedSets(paths, window, scenes.present.copy(), np.stack([lat, lon], axis=-1))
+    paths: list[Path] = []
+    windows, presents, truths = [], [], []
+    for c0 in range(0, n, _SIM_CHUNK):
+        scenes = sample_scenes(network, min(_SIM_CHUNK, n - c0), rng, max_missing=max_missing)
+        full = synthesize_iq(network, scenes, rng, n_samples=N_SAMPLES + 2 * _MAX_SKEW)
+        lat, lon = network.to_geodetic(scenes.tx_enu_m[:, 0], scenes.tx_enu_m[:, 1])
+        for k in range(len(scenes)):
+            i = c0 + k
+            slots = np.flatnonzero(scenes.present[k])
+            lead = rng.integers(0, _MAX_SKEW // _SKEW_STEP + 1, len(slots)) * _SKEW_STEP
+            tail = rng.integers(0, _MAX_SKEW // _SKEW_STEP + 1, len(slots)) * _SKEW_STEP
+            lead[rng.integers(len(slots))] = 0  # the latest starter opens the window
+            t_window = t0 + i  # one scene per second
+            offset_hz = float(scenes.carrier_offset_hz[k])
+            recordings, starts, notes = {}, {}, {}
+            for j, slot in enumerate(slots):
+                rid = network.ids[slot]
+                first = _MAX_SKEW - int(lead[j])
+                recordings[rid] = full[k, slot, first : _MAX_SKEW + N_SAMPLES + int(tail[j])]
+                starts[rid] = t_window - int(lead[j]) / SAMPLE_RATE_HZ
+                notes[rid] = [(int(lead[j]), N_SAMPLES, {
+                    "core:label": "transmitter",
+                    "core:comment": "simulated transmitter: its true position and power",
+                    "core:freq_lower_edge": center_hz + offset_hz - 6_250.0,
+                    "core:freq_upper_edge": center_hz + offset_hz + 6_250.0,
+                    "core:latitude": float(lat[k]),
+                    "core:longitude": float(lon[k]),
+                    "rfloc:tx_power_dbm": float(scenes.tx_power_dbm[k]),
+                    "rfloc:rx_power_dbm": float(scenes.rx_power_dbm[k, slot]),
+                })]
+            paths.append(write_recording_set(
+                out / f"{i:04d}", recordings, network, datatype=datatype,
+                sample_rate_hz=SAMPLE_RATE_HZ, center_freq_hz=center_hz, start_s=starts,
+                annotations=notes, archive=archive))
+        if keep_iq:
+            window = full[:, :, _MAX_SKEW : _MAX_SKEW + N_SAMPLES].copy()
+            window[~scenes.present] = 0
+            windows.append(window)
+        presents.append(scenes.present)
+        truths.append(np.stack([lat, lon], axis=-1))
+    return SimulatedSets(paths, np.concatenate(windows) if keep_iq else None,
+                         np.concatenate(presents), np.concatenate(truths))
