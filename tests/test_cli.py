@@ -126,7 +126,7 @@ def test_predict_a_sigmf_recording_set_like_its_complex64_json(rfloc, tmp_path, 
     # The same scenes again, in process, for the complex64 JSON of each capture window.
     net = load_network()
     sim = write_simulated_sets(tmp_path / "again", 2, 8, network=net, datatype=dtype)
-    tolerance_m = {"ci16_le": 1.0, "cu8": 1000.0}[dtype]
+    tolerance_m = {"ci16_le": 1.0, "cu8": 1500.0}[dtype]  # docs/recordings.md
     assert sim.iq is not None
     for i in range(2):
         ids = [net.ids[j] for j in np.flatnonzero(sim.present[i])]
