@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -177,6 +178,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     """POST a request file, or a SigMF recording set decoded into one, and print the answer."""
     import httpx
 
+    capture = None
     if Path(a.file).is_dir() or a.file.lower().endswith((".sigmf", ".sigmf.gz", ".sigmf.xz")):
         import orjson
 
@@ -195,6 +197,10 @@ def cmd_predict(a: argparse.Namespace) -> int:
     r = httpx.post(a.url.rstrip("/") + path, content=body, timeout=a.timeout,
                    headers={"content-type": "application/json"})
     out = r.json()
+    if capture is not None and r.status_code != 200:  # name the recording, not the row
+        m = re.match(r"receivers\[(\d+)\]", str((out.get("error") or {}).get("field")))
+        if m and int(m.group(1)) < len(capture.files):
+            out["error"]["file"] = capture.files[int(m.group(1))]
     if not a.full and r.status_code == 200:
         items = [x.get("result") for x in out["results"]] if "results" in out else [out]
         out = [{k: v for k, v in (it or {}).items() if k != "geojson"} for it in items]

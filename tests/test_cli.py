@@ -149,3 +149,21 @@ def test_predict_names_the_file_and_field_of_a_bad_recording(rfloc, tmp_path):
     assert archive.is_file()
     p = rfloc("predict", str(archive), "--start", "last tuesday", ok=False)
     assert p.returncode == 2 and "0000.sigmf: start:" in p.stderr and "ISO 8601" in p.stderr
+
+
+def test_predict_names_the_recording_the_service_refuses(rfloc, tmp_path, naive_service):
+    import numpy as np
+
+    rfloc("simulate", "--sigmf", str(tmp_path / "sets"), "--dtype", "cf32_le")
+    data = tmp_path / "sets" / "0000" / "milano.sigmf-data"
+    samples = np.frombuffer(data.read_bytes(), np.complex64).copy()
+    samples[1000:] = np.nan  # SigMF is fine with it (checksum updated), the service is not
+    data.write_bytes(samples.tobytes())
+    meta_path = data.with_suffix(".sigmf-meta")
+    meta = json.loads(meta_path.read_text())
+    del meta["global"]["core:sha512"]
+    meta_path.write_text(json.dumps(meta))
+    p = rfloc("predict", str(tmp_path / "sets" / "0000"), "--url", naive_service, ok=False)
+    assert p.returncode == 1
+    error = json.loads(p.stdout)["error"]
+    assert "non-finite" in error["message"] and error["file"] == str(meta_path)

@@ -210,6 +210,25 @@ def test_start_picks_the_window_and_too_few_samples_names_the_file(
         read_recording_set(path, network, start="yesterday")
 
 
+def test_window_is_read_from_the_capture_segment_covering_it(tmp_path: Path,
+                                                            network: ReceiverNetwork) -> None:
+    t0 = 1.8e9
+    path = _ramp_set(tmp_path, network, [t0, t0, t0], [400, 400, 400])
+    # The receivers paused: their samples from 200 on were taken 1 s later.
+    for meta_path in path.glob("*.sigmf-meta"):
+        meta = json.loads(meta_path.read_text())
+        meta["captures"].append({"core:sample_start": 200,
+                                 "core:datetime": format_datetime(t0 + 1)})
+        meta_path.write_text(json.dumps(meta))
+    assert read_recording_set(path, network, n_samples=100).to_complex64().real[0, 0] == 0
+    later = read_recording_set(path, network, start=format_datetime(t0 + 1 + 24 / 48_000),
+                               n_samples=100)
+    assert later.to_complex64().real[:, 0].tolist() == [224, 224, 224]
+    err = _fault(path, network, n_samples=250)
+    assert err.path.endswith(f"{network.ids[0]}.sigmf-meta") and err.key == "captures"
+    assert "crosses the capture segment starting at sample 200" in err.message
+
+
 # --- faults: each names the file and the field --------------------------------------------
 
 

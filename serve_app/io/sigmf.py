@@ -128,6 +128,11 @@ class Recording:
         s0, t0 = times[0]
         return t0 - s0 / rate_hz
 
+    def segment_end(self, index: int) -> int:
+        """First sample after the capture segment holding sample `index` (a gap follows)."""
+        later = [int(c.get("core:sample_start", 0)) for c in self.meta.get_captures()]
+        return min([s for s in later if s > index] or [self.n_samples])
+
     def index_at(self, t_s: float, rate_hz: float) -> int:
         """Index of the sample taken at time `t_s`, from the capture segment covering it."""
         times = self.sample_times(rate_hz)
@@ -469,6 +474,11 @@ def read_recording_set(
             raise RecordingError(rec.data_name, "",
                                  f"too few samples: {max(rec.n_samples - i, 0)} from the "
                                  f"window start (sample {i}), {n_samples} needed")
+        end = rec.segment_end(i)
+        if end < rec.n_samples and i + n_samples > end:
+            raise RecordingError(rec.name, "captures", f"the window (samples {i} to "
+                                 f"{i + n_samples}) crosses the capture segment starting at "
+                                 f"sample {end}: a gap in the recording")
         raw = rec.read(i, n_samples)
         gain_db = rec.global_field(GAIN_KEY)
         if gain_db:
