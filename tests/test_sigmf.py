@@ -22,10 +22,12 @@ from serve_app.io.sigmf import (
     GAIN_KEY,
     RECEIVER_ID_KEY,
     RecordingError,
+    captures_table,
     format_datetime,
     iter_recording_sets,
     parse_datetime,
     read_recording_set,
+    recording_sets,
     write_recording_set,
     write_simulated_sets,
 )
@@ -348,6 +350,27 @@ def test_too_few_recordings_and_not_a_set(tmp_path: Path, one_set: Path,
     assert "holds no SigMF recordings" in _fault(tmp_path / "empty", network).message
     (tmp_path / "bad.sigmf").write_bytes(b"not a tar")
     assert "not a readable SigMF archive" in _fault(tmp_path / "bad.sigmf", network).message
+
+
+def test_captures_table_has_a_row_per_set_and_the_error_of_a_bad_one(
+    tmp_path: Path, network: ReceiverNetwork
+) -> None:
+    sim = write_simulated_sets(tmp_path, 3, seed=6, network=network, datatype="cf32_le",
+                               start_s=1.8e9)
+    _edit(sim.paths[2] / "genova.sigmf-meta", g__core_datatype="cf64_le")
+    table = captures_table(recording_sets(tmp_path), network)
+    assert table.column("capture_id").to_pylist() == ["0000", "0001", "0002"]
+    assert table.column("read_error").to_pylist()[:2] == [None, None]
+    assert table.column("read_error_field").to_pylist()[2] == "global.core:datatype"
+    assert "genova.sigmf-meta" in table.column("read_error").to_pylist()[2]
+    row = table.slice(1, 1).to_pylist()[0]
+    assert sim.iq is not None
+    ids = [network.ids[j] for j in np.flatnonzero(sim.present[1])]
+    assert row["receiver_ids"] == ids and row["datatype"] == "cf32_le"
+    np.testing.assert_array_equal(
+        np.stack([np.frombuffer(b, np.complex64) for b in row["iq"]]),
+        sim.iq[1][sim.present[1]])
+    assert row["timestamp"].timestamp() == 1.8e9 + 1
 
 
 def test_iter_recording_sets_yields_one_capture_or_error_per_set(

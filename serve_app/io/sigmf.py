@@ -29,6 +29,7 @@ from typing import Any
 
 import jsonschema
 import numpy as np
+import pyarrow as pa
 import sigmf.schema
 from pyproj import Geod
 from sigmf import SigMFFile
@@ -499,6 +500,20 @@ def read_recording_set(
     )
 
 
+# The batch path's capture columns (docs/batch.md), plus the reading error of a set.
+CAPTURES_SCHEMA = pa.schema([
+    pa.field("capture_id", pa.string(), nullable=False),
+    pa.field("receiver_ids", pa.list_(pa.string())),
+    pa.field("iq", pa.list_(pa.binary())),
+    pa.field("datatype", pa.string()),
+    pa.field("sample_rate_hz", pa.float64()),
+    pa.field("center_freq_hz", pa.float64()),
+    pa.field("timestamp", pa.timestamp("us", tz="UTC")),
+    pa.field("read_error", pa.string()),
+    pa.field("read_error_field", pa.string()),
+])
+
+
 def recording_sets(path: str | Path) -> list[Path]:
     """The recording sets in a directory (subdirectories and archives), sorted by name."""
     p = Path(path)
@@ -516,6 +531,27 @@ def iter_recording_sets(
             yield read_recording_set(child, network, **kwargs)
         except RecordingError as exc:
             yield exc
+
+
+def captures_table(paths: Sequence[str | Path], network: ReceiverNetwork, **kwargs: Any
+                   ) -> pa.Table:
+    """Capture rows (`SetCapture.to_row`) of recording sets, for the batch path.
+
+    A set that cannot be read is a row with null IQ and its error in ``read_error`` (the
+    message, naming the file) and ``read_error_field``, so that one bad set fails only its
+    own row.
+    """
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            row = read_recording_set(path, network, **kwargs).to_row()
+            row.update(read_error=None, read_error_field=None)
+        except RecordingError as exc:
+            row = {"capture_id": Path(path).name, "receiver_ids": None, "iq": None,
+                   "datatype": None, "sample_rate_hz": None, "center_freq_hz": None,
+                   "timestamp": None, "read_error": str(exc), "read_error_field": exc.key}
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=CAPTURES_SCHEMA)
 
 
 # --- writing ------------------------------------------------------------------------------
