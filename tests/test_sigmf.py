@@ -361,8 +361,9 @@ def test_captures_table_has_a_row_per_set_and_the_error_of_a_bad_one(
     table = captures_table(recording_sets(tmp_path), network)
     assert table.column("capture_id").to_pylist() == ["0000", "0001", "0002"]
     assert table.column("read_error").to_pylist()[:2] == [None, None]
-    assert table.column("read_error_field").to_pylist()[2] == "global.core:datatype"
-    assert "genova.sigmf-meta" in table.column("read_error").to_pylist()[2]
+    field = table.column("read_error_field").to_pylist()[2]
+    assert field == f"{sim.paths[2] / 'genova.sigmf-meta'}: global.core:datatype"
+    assert "'cf64_le' is not supported" in table.column("read_error").to_pylist()[2]
     row = table.slice(1, 1).to_pylist()[0]
     assert sim.iq is not None
     ids = [network.ids[j] for j in np.flatnonzero(sim.present[1])]

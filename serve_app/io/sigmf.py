@@ -537,9 +537,9 @@ def captures_table(paths: Sequence[str | Path], network: ReceiverNetwork, **kwar
                    ) -> pa.Table:
     """Capture rows (`SetCapture.to_row`) of recording sets, for the batch path.
 
-    A set that cannot be read is a row with null IQ and its error in ``read_error`` (the
-    message, naming the file) and ``read_error_field``, so that one bad set fails only its
-    own row.
+    A set that cannot be read is a row with null IQ, its error message in ``read_error``
+    and ``read_error_field`` naming file and field ("…/milano.sigmf-meta:
+    global.core:datatype"), so that one bad set fails only its own row.
     """
     rows: list[dict[str, Any]] = []
     for path in paths:
@@ -549,7 +549,7 @@ def captures_table(paths: Sequence[str | Path], network: ReceiverNetwork, **kwar
         except RecordingError as exc:
             row = {"capture_id": Path(path).name, "receiver_ids": None, "iq": None,
                    "datatype": None, "sample_rate_hz": None, "center_freq_hz": None,
-                   "timestamp": None, "read_error": str(exc), "read_error_field": exc.key}
+                   "timestamp": None, "read_error": exc.message, "read_error_field": exc.field}
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=CAPTURES_SCHEMA)
 
