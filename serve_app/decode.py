@@ -43,7 +43,6 @@ except ImportError:  # pragma: no cover - pybase64 is a dependency; stdlib is th
     import base64 as _b64  # type: ignore[no-redef]
 
 CENTER_FREQ_TOLERANCE_HZ = 1e6
-INT16_SCALE = 1.0 / 32768.0
 # Forms of `encode_capture` that send iq_b64 with that dtype.
 ENCODE_FORMS = ("complex64", "int16", "cf32_le", "ci16_le", "ci8", "cu8")
 # Prefix of the canonical bytes; bump when their layout changes so old cache keys never match.
