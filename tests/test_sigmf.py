@@ -153,6 +153,17 @@ def test_directory_and_archive_give_the_same_capture(tmp_path: Path,
     assert ca.iq == cb.iq and ca.receiver_ids == cb.receiver_ids and ca.start == cb.start
 
 
+def test_compressed_archive_reads_like_the_plain_one(tmp_path: Path,
+                                                    network: ReceiverNetwork) -> None:
+    import gzip
+
+    sim = write_simulated_sets(tmp_path, 1, seed=9, network=network, archive=True)
+    packed = tmp_path / "0000.sigmf.gz"
+    packed.write_bytes(gzip.compress(sim.paths[0].read_bytes()))
+    plain, gz = (read_recording_set(p, network) for p in (sim.paths[0], packed))
+    assert gz.iq == plain.iq and gz.receiver_ids == plain.receiver_ids
+
+
 def test_truth_annotation_and_metadata(tmp_path: Path, network: ReceiverNetwork) -> None:
     sim = write_simulated_sets(tmp_path, 1, seed=4, network=network, datatype="ci8")
     meta = json.loads((sim.paths[0] / "torino.sigmf-meta").read_text())
