@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("batch", help="localize a Parquet capture dataset offline on Ray Data")
-    s.add_argument("input", help="Parquet capture dataset: a file, a directory, a glob or a URI")
+    s.add_argument("input", help="Parquet capture dataset: a file, a directory, a glob or a "
+                                 "URI; or a local directory of SigMF recording sets")
     s.add_argument("output", help="GeoParquet dataset to write: a directory (path or URI)")
     s.add_argument("--batch-size", type=int, default=256, help="captures per actor call")
     s.add_argument("--max-actors", type=int, default=None,
