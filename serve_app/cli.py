@@ -124,16 +124,22 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         from serve_app.receivers import load_network
 
         sim = write_simulated_sets(a.sigmf, a.n, a.seed, network=load_network(a.receivers),
-                                   datatype=a.dtype, archive=a.archive,
+                                   datatype=a.datatype or "ci16_le", archive=a.archive,
                                    max_missing=a.max_missing, keep_iq=False)
         first = f" ({sim.paths[0]}" + (f" ... {sim.paths[-1].name})" if a.n > 1 else ")")
-        print(f"wrote {a.n} recording set(s) of {a.dtype} to {a.sigmf}{first}")
+        print(f"wrote {a.n} recording set(s) of {a.datatype or 'ci16_le'} to {a.sigmf}{first}")
         return 0
     if a.parquet:  # a capture dataset for `rfloc batch` instead of request JSON
         from serve_app.capture_parquet import write_capture_dataset
 
+        if a.datatype not in (None, "cf32_le", "ci16_le"):  # simulated IQ exceeds 8 bits
+            print("rfloc simulate: --parquet takes --datatype cf32_le or ci16_le",
+                  file=sys.stderr)
+            return 2
+
         files = write_capture_dataset(a.parquet, a.n, seed=a.seed, shards=a.shards,
-                                      datatype=a.datatype, max_missing=a.max_missing,
+                                      datatype=a.datatype or "cf32_le",
+                                      max_missing=a.max_missing,
                                       workers=a.workers, progress=a.n >= 4096)
         print(f"wrote {a.n} capture(s) to {a.parquet} ({len(files)} file(s))")
         return 0
@@ -274,13 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a capture dataset for `rfloc batch` into DIR instead")
     s.add_argument("--shards", type=int, default=None,
                    help="files of the --parquet dataset (default: one per 2,048 captures)")
-    s.add_argument("--datatype", default="cf32_le", choices=["cf32_le", "ci16_le"],
-                   help="IQ datatype of the --parquet dataset (SigMF name)")
     s.add_argument("--workers", type=int, default=1, help="processes simulating --parquet")
     s.add_argument("--sigmf", default=None, metavar="DIR",
                    help="write SigMF recording sets DIR/0000, DIR/0001, ... instead")
-    s.add_argument("--dtype", choices=["cf32_le", "ci16_le", "ci8", "cu8"], default="ci16_le",
-                   help="sample type of the SigMF recordings")
+    s.add_argument("--datatype", "--dtype", dest="datatype", default=None,
+                   choices=["cf32_le", "ci16_le", "ci8", "cu8"],
+                   help="sample type (SigMF name) of --sigmf recordings (default ci16_le; the "
+                        "8-bit types too) or of the --parquet dataset (default cf32_le)")
     s.add_argument("--archive", action="store_true",
                    help="write each recording set as one .sigmf archive")
     s.add_argument("--receivers", default=None, help="receivers.yaml (default: the shipped)")
