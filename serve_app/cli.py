@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,11 +119,27 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
     from serve_app.samples import make_samples
 
+    if a.sigmf:  # recording sets, one SigMF recording per receiver
+        from serve_app.io.sigmf import write_simulated_sets
+        from serve_app.receivers import load_network
+
+        sim = write_simulated_sets(a.sigmf, a.n, a.seed, network=load_network(a.receivers),
+                                   datatype=a.datatype or "ci16_le", archive=a.archive,
+                                   max_missing=a.max_missing, keep_iq=False)
+        first = f" ({sim.paths[0]}" + (f" ... {sim.paths[-1].name})" if a.n > 1 else ")")
+        print(f"wrote {a.n} recording set(s) of {a.datatype or 'ci16_le'} to {a.sigmf}{first}")
+        return 0
     if a.parquet:  # a capture dataset for `rfloc batch` instead of request JSON
         from serve_app.capture_parquet import write_capture_dataset
 
+        if a.datatype not in (None, "cf32_le", "ci16_le"):  # simulated IQ exceeds 8 bits
+            print("rfloc simulate: --parquet takes --datatype cf32_le or ci16_le",
+                  file=sys.stderr)
+            return 2
+
         files = write_capture_dataset(a.parquet, a.n, seed=a.seed, shards=a.shards,
-                                      datatype=a.datatype, max_missing=a.max_missing,
+                                      datatype=a.datatype or "cf32_le",
+                                      max_missing=a.max_missing,
                                       workers=a.workers, progress=a.n >= 4096)
         print(f"wrote {a.n} capture(s) to {a.parquet} ({len(files)} file(s))")
         return 0
@@ -164,14 +181,32 @@ def cmd_batch(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    """POST a request file to the service and print the answer."""
+    """POST a request file, or a SigMF recording set decoded into one, and print the answer."""
     import httpx
 
-    body = Path(a.file).read_bytes()
+    capture = None
+    if Path(a.file).is_dir() or a.file.lower().endswith((".sigmf", ".sigmf.gz", ".sigmf.xz")):
+        import orjson
+
+        from serve_app.io.sigmf import read_recording_set
+        from serve_app.receivers import load_network
+
+        capture = read_recording_set(a.file, load_network(a.receivers), start=a.start,
+                                     match_distance_m=a.match_distance_m)
+        body = orjson.dumps(capture.to_request(confidence_level=a.confidence_level))
+        print(f"{a.file}: {len(capture.receiver_ids)} recordings "
+              f"({', '.join(capture.receiver_ids)}), window at {capture.start or 'sample 0'}",
+              file=sys.stderr)
+    else:
+        body = Path(a.file).read_bytes()
     path = "/predict/batch" if body.lstrip()[:20].startswith(b'{"captures"') else "/predict"
     r = httpx.post(a.url.rstrip("/") + path, content=body, timeout=a.timeout,
                    headers={"content-type": "application/json"})
     out = r.json()
+    if capture is not None and r.status_code != 200:  # name the recording, not the row
+        m = re.match(r"receivers\[(\d+)\]", str((out.get("error") or {}).get("field")))
+        if m and int(m.group(1)) < len(capture.files):
+            out["error"]["file"] = capture.files[int(m.group(1))]
     if not a.full and r.status_code == 200:
         items = [x.get("result") for x in out["results"]] if "results" in out else [out]
         out = [{k: v for k, v in (it or {}).items() if k != "geojson"} for it in items]
@@ -237,20 +272,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="sample_request.json")
     s.add_argument("--n", type=int, default=1)
     s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--form", choices=["b64", "pairs", "int16"], default="b64")
+    s.add_argument("--form", choices=["b64", "pairs", "int16", "cf32_le", "ci16_le", "ci8", "cu8"],
+                   default="b64", help="b64 (complex64), pairs, or the iq_b64 dtype")
     s.add_argument("--max-missing", type=int, default=0)
     s.add_argument("--truth", default=None, help="also write the true positions here")
     s.add_argument("--parquet", default=None, metavar="DIR",
                    help="write a capture dataset for `rfloc batch` into DIR instead")
     s.add_argument("--shards", type=int, default=None,
                    help="files of the --parquet dataset (default: one per 2,048 captures)")
-    s.add_argument("--datatype", default="cf32_le", choices=["cf32_le", "ci16_le"],
-                   help="IQ datatype of the --parquet dataset (SigMF name)")
     s.add_argument("--workers", type=int, default=1, help="processes simulating --parquet")
+    s.add_argument("--sigmf", default=None, metavar="DIR",
+                   help="write SigMF recording sets DIR/0000, DIR/0001, ... instead")
+    s.add_argument("--datatype", "--dtype", dest="datatype", default=None,
+                   choices=["cf32_le", "ci16_le", "ci8", "cu8"],
+                   help="sample type (SigMF name) of --sigmf recordings (default ci16_le; the "
+                        "8-bit types too) or of the --parquet dataset (default cf32_le)")
+    s.add_argument("--archive", action="store_true",
+                   help="write each recording set as one .sigmf archive")
+    s.add_argument("--receivers", default=None, help="receivers.yaml (default: the shipped)")
     s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("batch", help="localize a Parquet capture dataset offline on Ray Data")
-    s.add_argument("input", help="Parquet capture dataset: a file, a directory, a glob or a URI")
+    s.add_argument("input", help="Parquet capture dataset: a file, a directory, a glob or a "
+                                 "URI; or a local directory of SigMF recording sets")
     s.add_argument("output", help="GeoParquet dataset to write: a directory (path or URI)")
     s.add_argument("--batch-size", type=int, default=256, help="captures per actor call")
     s.add_argument("--max-actors", type=int, default=None,
@@ -269,8 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json-summary", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=cmd_batch)
 
-    s = sub.add_parser("predict", help="POST a request file to a running service")
-    s.add_argument("file")
+    s = sub.add_parser("predict", help="POST a request file or a SigMF recording set to a "
+                                       "running service")
+    s.add_argument("file", help="request JSON, or a SigMF recording set: a directory of "
+                                ".sigmf-meta/.sigmf-data pairs or a .sigmf archive")
+    s.add_argument("--start", default=None,
+                   help="recording sets: first sample time of the window (ISO 8601 UTC, "
+                        "e.g. 2026-11-30T17:00:00.25Z); default the start of the overlap")
+    s.add_argument("--receivers", default=None,
+                   help="recording sets: receivers.yaml to match against (default: the shipped)")
+    s.add_argument("--match-distance-m", type=float, default=500.0,
+                   help="recording sets: how far a core:geolocation may be from its receiver")
+    s.add_argument("--confidence-level", type=float, default=0.95,
+                   help="recording sets: the ellipse's confidence level")
     s.add_argument("--url", default="http://127.0.0.1:8000")
     s.add_argument("--timeout", type=float, default=30.0)
     s.add_argument("--full", action="store_true", help="print the GeoJSON too")

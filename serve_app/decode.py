@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import orjson
@@ -26,6 +26,7 @@ from serve_app.constants import (
     SAMPLE_RATE_HZ,
 )
 from serve_app.errors import InvalidInput
+from serve_app.io.datatypes import sample_type
 from serve_app.receivers import ReceiverNetwork
 from serve_app.schemas import (
     FIELD_ERROR_TYPE,
@@ -42,12 +43,12 @@ except ImportError:  # pragma: no cover - pybase64 is a dependency; stdlib is th
     import base64 as _b64  # type: ignore[no-redef]
 
 CENTER_FREQ_TOLERANCE_HZ = 1e6
-INT16_SCALE = 1.0 / 32768.0
+# Forms of `encode_capture` that send iq_b64 with that dtype.
+ENCODE_FORMS = ("complex64", "int16", "cf32_le", "ci16_le", "ci8", "cu8")
 # Prefix of the canonical bytes; bump when their layout changes so old cache keys never match.
 CANONICAL_TAG = b"rfloc.capture.v1\x00"
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_DTYPE_ITEMSIZE = {"complex64": 8, "int16": 4}
 
 # (receiver id, iq pairs or None, iq_b64 or None, dtype)
 _RawReceiver = tuple[str, Any, str | None, str]
@@ -303,7 +304,8 @@ def _b64_chars(n_bytes: int) -> int:
 
 
 def _decode_b64(text: str, dtype: str, n_samples: int, field: str) -> np.ndarray:
-    itemsize = _DTYPE_ITEMSIZE[dtype]
+    kind = sample_type(dtype)  # the schema admits only known names
+    itemsize = kind.itemsize
     # Checked before decoding, so a hostile string costs no more than its length; one
     # sample of slack, as MAX_IQ_B64_CHARS, leaves near misses to the precise checks below.
     longest = _b64_chars((n_samples + 1) * itemsize)
@@ -318,19 +320,15 @@ def _decode_b64(text: str, dtype: str, n_samples: int, field: str) -> np.ndarray
     if not raw:
         raise InvalidInput(field, "is empty: no IQ samples")
     if len(raw) % itemsize:
-        layout = "complex64 samples" if dtype == "complex64" else "int16 I,Q sample pairs"
         raise InvalidInput(
             field,
-            f"decoded length {len(raw)} bytes is not a multiple of {itemsize} ({layout})",
+            f"decoded length {len(raw)} bytes is not a multiple of {itemsize} "
+            f"(one {kind.name} I,Q sample)",
         )
     n = len(raw) // itemsize
     if n != n_samples:
         raise InvalidInput(field, f"wrong sample count: got {n} samples, expected {n_samples}")
-    if dtype == "complex64":
-        return np.frombuffer(raw, "<c8")
-    scaled = np.frombuffer(raw, "<i2").astype(np.float32)
-    scaled *= np.float32(INT16_SCALE)
-    return scaled.view(np.complex64)
+    return kind.to_complex64(raw)
 
 
 def _decode_pairs(pairs: Any, n_samples: int, field: str) -> np.ndarray:
@@ -435,27 +433,25 @@ def decode_arrays(
                           sample_rate_hz=sample_rate_hz, center_freq_hz=center_freq_hz)
 
 
-def iq_to_b64(row: np.ndarray, dtype: Literal["complex64", "int16"] = "complex64") -> str:
-    """Base64 of one receiver's IQ as little-endian complex64 or interleaved int16 I,Q."""
-    arr = np.asarray(row, np.complex64)
-    if dtype == "complex64":
-        raw = arr.astype("<c8").tobytes()
-    else:
-        with np.errstate(all="ignore"):
-            scaled = np.rint(arr.view(np.float32) * 32768.0)
-        raw = np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
-    return _b64.b64encode(raw).decode("ascii")
+def iq_to_b64(row: np.ndarray, dtype: str = "complex64") -> str:
+    """Base64 of one receiver's IQ in a sample type (serve_app.io.datatypes), e.g. ci16_le.
+
+    Integer types round to the nearest code and clip at full scale (|I|, |Q| < 1).
+    """
+    return _b64.b64encode(sample_type(dtype).from_complex64(row)).decode("ascii")
 
 
 def encode_capture(
     iq: np.ndarray,
     receiver_ids: Sequence[str],
     *,
-    form: Literal["b64", "pairs", "int16"] = "b64",
+    form: str = "b64",
     confidence_level: float = DEFAULT_CONFIDENCE,
     **extra: Any,
 ) -> dict[str, Any]:
     """Build a POST /predict request dict from IQ [R, S] (complex64) and the receivers' ids.
+
+    `form`: ``b64`` (complex64 base64), ``pairs`` (``iq``) or a dtype of `ENCODE_FORMS`.
 
     `extra` adds or overrides top-level fields (e.g. sample_rate_hz, session_id, cache).
     """
@@ -470,10 +466,11 @@ def encode_capture(
             receivers.append({"id": rid, "iq_b64": iq_to_b64(row)})
         elif form == "pairs":
             receivers.append({"id": rid, "iq": row.view(np.float32).reshape(-1, 2).tolist()})
-        elif form == "int16":
-            receivers.append({"id": rid, "iq_b64": iq_to_b64(row, "int16"), "dtype": "int16"})
+        elif form in ENCODE_FORMS:
+            receivers.append({"id": rid, "iq_b64": iq_to_b64(row, form), "dtype": form})
         else:
-            raise ValueError(f"unknown form {form!r}; expected 'b64', 'pairs' or 'int16'")
+            raise ValueError(f"unknown form {form!r}; expected 'b64', 'pairs' or one of "
+                             f"{', '.join(ENCODE_FORMS)}")
     body: dict[str, Any] = {
         "receivers": receivers,
         "sample_rate_hz": SAMPLE_RATE_HZ,

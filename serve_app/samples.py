@@ -11,7 +11,7 @@ from serve_app.decode import encode_capture
 from serve_app.receivers import ReceiverNetwork, load_network
 from serve_app.simulate import Scenes, sample_scenes, synthesize_iq
 
-Form = Literal["b64", "pairs", "int16"]
+Form = Literal["b64", "pairs", "complex64", "int16", "cf32_le", "ci16_le", "ci8", "cu8"]
 
 
 @dataclass

@@ -32,7 +32,10 @@ MAX_CAPTURE_BODY_BYTES = 16 * 1024 * 1024
 # field goes in ctx["field"] so that `loc_to_field` can append it to the error location.
 FIELD_ERROR_TYPE = "rfloc_field"
 
-IqDtype = Literal["complex64", "int16"]
+# SigMF datatype names of interleaved complex samples, and the first spellings as aliases
+# (complex64 = cf32_le, int16 = ci16_le); their scaling is in serve_app/io/datatypes.py.
+IqDtype = Literal["cf32_le", "ci16_le", "ci8", "cu8", "complex64", "int16"]
+FLOAT_DTYPES = ("complex64", "cf32_le")
 
 
 def field_error(field: str, message: str) -> PydanticCustomError:
@@ -57,13 +60,14 @@ class ReceiverCapture(BaseModel):
     iq_b64: str | None = Field(
         default=None,
         max_length=MAX_IQ_B64_CHARS,
-        description="IQ samples, base64 of little-endian complex64 (or interleaved int16 "
-        "I,Q when dtype is int16).",
+        description="IQ samples, base64 of interleaved I,Q in `dtype` (default little-endian "
+        "complex64).",
     )
     dtype: IqDtype = Field(
         default="complex64",
-        description="Encoding of iq_b64: complex64, or int16 interleaved I,Q scaled by "
-        "1/32768. Applies to iq_b64 only.",
+        description="Sample type of iq_b64 (SigMF names), mapped to normalized IQ as: "
+        "cf32_le (alias complex64) as is; ci16_le (alias int16) x/32768; ci8 x/128; "
+        "cu8 (x-127.5)/128. Applies to iq_b64 only.",
     )
 
     @model_validator(mode="after")
@@ -72,7 +76,7 @@ class ReceiverCapture(BaseModel):
             raise field_error("iq_b64", "give exactly one of 'iq' or 'iq_b64', not both")
         if self.iq is None and self.iq_b64 is None:
             raise field_error("iq", "one of 'iq' or 'iq_b64' is required")
-        if self.iq is not None and self.dtype == "int16":
+        if self.iq is not None and self.dtype not in FLOAT_DTYPES:
             raise field_error("dtype", "dtype applies to 'iq_b64' only; 'iq' pairs are floats")
         return self
 

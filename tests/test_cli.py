@@ -77,3 +77,94 @@ def test_simulate_parquet_then_batch_refuses_a_foreign_file(rfloc, tmp_path):
     assert p.returncode == 2
     assert f"rfloc batch: {foreign}: not a capture dataset: no column(s) capture_id" in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def naive_service():
+    """The single-process FastAPI app of load/naive_app.py on a free loopback port (no Ray)."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(REPO / "load" / "naive_app.py"), "--port",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "naive app did not start"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("dtype", ["cf32_le", "ci16_le", "ci8", "cu8"])
+def test_predict_a_sigmf_recording_set_like_its_complex64_json(rfloc, tmp_path, naive_service,
+                                                               dtype):
+    """simulate --sigmf → rfloc predict DIR over HTTP = the same capture as complex64 JSON."""
+    import numpy as np
+    from pyproj import Geod
+
+    from serve_app.decode import encode_capture
+    from serve_app.io.sigmf import write_simulated_sets
+    from serve_app.receivers import load_network
+
+    out = rfloc("simulate", "--sigmf", str(tmp_path / "sets"), "--n", "2", "--seed", "8",
+                "--dtype", dtype).stdout
+    assert f"wrote 2 recording set(s) of {dtype}" in out
+    # The same scenes again, in process, for the complex64 JSON of each capture window.
+    net = load_network()
+    sim = write_simulated_sets(tmp_path / "again", 2, 8, network=net, datatype=dtype)
+    # docs/recordings.md: what each type's quantisation may move the position
+    tolerance_m = {"cf32_le": 0.0, "ci16_le": 1.0, "ci8": 1500.0, "cu8": 1500.0}[dtype]
+    assert sim.iq is not None
+    for i in range(2):
+        ids = [net.ids[j] for j in np.flatnonzero(sim.present[i])]
+        request = tmp_path / f"capture{i}.json"
+        request.write_text(json.dumps(encode_capture(sim.iq[i][sim.present[i]], ids)))
+        [via_json] = json.loads(rfloc("predict", str(request), "--url", naive_service).stdout)
+        p = rfloc("predict", str(tmp_path / "sets" / f"{i:04d}"), "--url", naive_service)
+        [via_sigmf] = json.loads(p.stdout)
+        assert f"{len(ids)} recordings" in p.stderr
+        a, b = via_sigmf["position"], via_json["position"]
+        dist_m = Geod(ellps="WGS84").inv(a["longitude"], a["latitude"], b["longitude"],
+                                         b["latitude"])[2]
+        assert dist_m <= tolerance_m
+        assert via_sigmf["receivers_used"] == via_json["receivers_used"]
+
+
+def test_predict_names_the_file_and_field_of_a_bad_recording(rfloc, tmp_path):
+    rfloc("simulate", "--sigmf", str(tmp_path / "sets"), "--archive", "--dtype", "ci8")
+    archive = tmp_path / "sets" / "0000.sigmf"
+    assert archive.is_file()
+    p = rfloc("predict", str(archive), "--start", "last tuesday", ok=False)
+    assert p.returncode == 2 and "0000.sigmf: start:" in p.stderr and "ISO 8601" in p.stderr
+
+
+def test_predict_names_the_recording_the_service_refuses(rfloc, tmp_path, naive_service):
+    import numpy as np
+
+    rfloc("simulate", "--sigmf", str(tmp_path / "sets"), "--dtype", "cf32_le")
+    data = tmp_path / "sets" / "0000" / "milano.sigmf-data"
+    samples = np.frombuffer(data.read_bytes(), np.complex64).copy()
+    samples[1000:] = np.nan  # SigMF is fine with it (checksum updated), the service is not
+    data.write_bytes(samples.tobytes())
+    meta_path = data.with_suffix(".sigmf-meta")
+    meta = json.loads(meta_path.read_text())
+    del meta["global"]["core:sha512"]
+    meta_path.write_text(json.dumps(meta))
+    p = rfloc("predict", str(tmp_path / "sets" / "0000"), "--url", naive_service, ok=False)
+    assert p.returncode == 1
+    error = json.loads(p.stdout)["error"]
+    assert "non-finite" in error["message"] and error["file"] == str(meta_path)

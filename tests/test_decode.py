@@ -114,6 +114,84 @@ def test_int16_scaling_is_exact_for_known_counts(network: ReceiverNetwork) -> No
     assert dec.iq[2, 1] == np.complex64(0.5 - 1j / 32768)
 
 
+# Every sample type of the API (SigMF names), its step and its known-code decodings.
+DTYPE_STEPS = {"cf32_le": 0.0, "complex64": 0.0, "ci16_le": 1 / 32768, "int16": 1 / 32768,
+               "ci8": 1 / 128, "cu8": 1 / 128}
+KNOWN_CODES = [
+    ("ci16_le", "<i2", [-32768, 32767, 1, 0], [-1.0, 32767 / 32768, 1 / 32768, 0.0]),
+    ("ci8", "i1", [-128, 127, 64, -1], [-1.0, 127 / 128, 0.5, -1 / 128]),
+    ("cu8", "u1", [0, 255, 127, 128], [-127.5 / 128, 127.5 / 128, -0.5 / 128, 0.5 / 128]),
+]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_STEPS))
+def test_every_dtype_round_trip_within_half_a_step(
+    network: ReceiverNetwork, iq7: np.ndarray, dtype: str
+) -> None:
+    request = encode_capture(iq7, network.ids, form=dtype)
+    assert all(r["dtype"] == dtype for r in request["receivers"])
+    for dec in _decode_both(request, network):
+        err = np.abs(dec.iq.view(np.float32) - iq7.view(np.float32)).max()
+        assert err <= DTYPE_STEPS[dtype] / 2 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(("dtype", "component", "codes", "values"), KNOWN_CODES,
+                         ids=[c[0] for c in KNOWN_CODES])
+def test_integer_dtypes_decode_known_codes_exactly(
+    network: ReceiverNetwork, dtype: str, component: str, codes: list[int], values: list[float]
+) -> None:
+    raw = np.zeros(2 * N_SAMPLES, component)
+    raw[: len(codes)] = codes
+    rx = {"iq_b64": _b64(raw.tobytes()), "dtype": dtype}
+    dec = _decode_body(orjson.dumps({"receivers": [{"id": rid, **rx}
+                                                   for rid in network.ids[:3]]}), network)
+    np.testing.assert_array_equal(dec.iq[0, :2].view(np.float32), np.float32(values))
+
+
+def test_cu8_midpoint_is_zero_so_full_range_codes_average_to_zero(network: ReceiverNetwork
+                                                                  ) -> None:
+    codes = np.tile(np.arange(256, dtype=np.uint8), 2 * N_SAMPLES // 256 + 1)[: 2 * N_SAMPLES]
+    rx = {"iq_b64": _b64(codes.tobytes()), "dtype": "cu8"}
+    dec = _decode_body(orjson.dumps({"receivers": [{"id": rid, **rx}
+                                                   for rid in network.ids[:3]]}), network)
+    parts = dec.iq[0].view(np.float32)[: 256 * (2 * N_SAMPLES // 256)]  # whole 0..255 cycles
+    assert float(parts.mean()) == 0.0
+    assert parts.min() == -parts.max()
+
+
+def test_aliases_decode_like_their_sigmf_names(network: ReceiverNetwork, iq7: np.ndarray
+                                               ) -> None:
+    for alias, name in (("complex64", "cf32_le"), ("int16", "ci16_le")):
+        a, b = (decode_capture(encode_capture(iq7, network.ids, form=f), network)
+                for f in (alias, name))
+        np.testing.assert_array_equal(a.iq, b.iq)
+        assert a.canonical == b.canonical  # the same cache key
+
+
+@pytest.mark.parametrize("dtype", ["ci16_le", "ci8", "cu8"])
+@pytest.mark.parametrize("amplitude", [0.9, 0.1, 0.02])
+def test_power_dbm_same_from_every_dtype_within_quantisation(
+    network: ReceiverNetwork, dtype: str, amplitude: float
+) -> None:
+    """10·log10(mean|iq|²) + calibration_db of a tone: each type against complex64."""
+    rng = np.random.default_rng(11)
+    t = np.arange(N_SAMPLES) / 48_000
+    phase = 2 * np.pi * rng.uniform(300, 3000, (3, 1)) * t + rng.uniform(0, 6.3, (3, 1))
+    iq = (amplitude * np.exp(1j * phase)).astype(np.complex64)
+    ids = network.ids[:3]
+    cal = network.calibration_db[:3]
+
+    def power_dbm(form: str) -> np.ndarray:
+        dec = decode_capture(encode_capture(iq, ids, form=form), network)
+        return 10 * np.log10(np.mean(np.abs(dec.iq.astype(np.complex128)) ** 2, axis=1)) + cal
+
+    # Each component is off by at most step/2, |error| <= step/sqrt(2): the power of a tone
+    # of amplitude A is within 20·log10(1 ± step/(sqrt(2)·A)) of the exact one.
+    bound_db = 20 * np.log10(1 + DTYPE_STEPS[dtype] / (np.sqrt(2) * amplitude))
+    diff = np.abs(power_dbm(dtype) - power_dbm("cf32_le"))
+    assert diff.max() <= bound_db, (diff, bound_db)
+
+
 def test_subset_in_any_order_keeps_request_order_and_slots(network: ReceiverNetwork) -> None:
     ids = ["genova", "torino", "milano", "coazze"]
     iq = _random_iq(4, seed=3)
@@ -307,7 +385,24 @@ BAD_CASES: list[tuple[str, str, Mutator, str, str]] = [
     ("both-iq-forms", "b64", _both, "receivers[0].iq_b64", "exactly one"),
     ("no-iq", "b64", _neither, "receivers[0].iq", "one of"),
     ("int16-pairs", "pairs", _set_rx(0, dtype="int16"), "receivers[0].dtype", "iq_b64"),
+    ("cu8-pairs", "pairs", _set_rx(0, dtype="cu8"), "receivers[0].dtype", "iq_b64"),
     ("bad-dtype", "b64", _set_rx(0, dtype="float64"), "receivers[0].dtype", ""),
+    ("sigmf-dtype-unsupported", "b64", _set_rx(1, dtype="cf64_le"), "receivers[1].dtype",
+     "'cu8'"),
+    (
+        "ci8-odd-byte-length",
+        "b64",
+        _set_rx(4, iq_b64=_b64(bytes(N_SAMPLES * 2 + 1)), dtype="ci8"),
+        "receivers[4].iq_b64",
+        "multiple of 2",
+    ),
+    (
+        "cu8-short",
+        "b64",
+        _set_rx(4, iq_b64=_b64(bytes(N_SAMPLES * 2 - 2)), dtype="cu8"),
+        "receivers[4].iq_b64",
+        f"got {N_SAMPLES - 1} samples",
+    ),
     ("extra-field", "b64", _set(colour="blue"), "colour", ""),
     ("extra-receiver-field", "b64", _set_rx(1, gain=3), "receivers[1].gain", ""),
     ("too-many-receivers", "b64", _too_many_receivers, "receivers", str(MAX_RECEIVERS)),
@@ -609,7 +704,7 @@ def raw_captures(draw: st.DrawFn, network: ReceiverNetwork) -> dict[str, Any]:
         if kind == "junk":
             rx[draw(st.sampled_from(["iq", "iq_b64", "dtype", "id", "x"]))] = draw(json_values)
         if draw(st.booleans()):
-            rx["dtype"] = draw(st.sampled_from(["complex64", "int16", "float"]))
+            rx["dtype"] = draw(st.sampled_from(["complex64", "int16", "ci8", "cu8", "float"]))
         receivers.append(rx)
     request: dict[str, Any] = {"receivers": receivers}
     if draw(st.booleans()):
@@ -662,7 +757,7 @@ def test_fuzz_decode_capture_random_receivers(
 
 
 @FUZZ
-@given(b64_payloads, st.sampled_from(["complex64", "int16"]), st.integers(0, 2))
+@given(b64_payloads, st.sampled_from(list(DTYPE_STEPS)), st.integers(0, 2))
 def test_fuzz_iq_b64_payloads(network: ReceiverNetwork, payload: str, dtype: str, row: int) -> None:
     iq = _random_iq(3, FUZZ_SAMPLES, seed=2)
     request = encode_capture(iq, network.ids[:3])

@@ -1,0 +1,1 @@
+"""Formats: raw receiver sample types and SigMF recordings (no Ray imports)."""
