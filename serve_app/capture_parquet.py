@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from serve_app.constants import CENTER_FREQ_HZ, MIN_RECEIVERS, N_SAMPLES, SAMPLE_RATE_HZ
 from serve_app.errors import InvalidInput
+from serve_app.io.datatypes import SAMPLE_TYPES
 from serve_app.receivers import ReceiverNetwork, load_network
 
 CENTER_FREQ_TOLERANCE_HZ = 1e6
@@ -30,24 +31,8 @@ SIM_CHUNK = 32  # captures simulated at once, each chunk seeded on its own
 ROW_GROUP_CAPTURES = 256  # captures per Parquet row group: the unit a reader streams
 
 
-@dataclass(frozen=True)
-class IqDatatype:
-    """A SigMF complex sample format: numpy storage type, scale and offset to float."""
-
-    storage: str  # numpy dtype of one real component (I or Q)
-    scale: float  # float = (stored - offset) * scale
-    offset: float = 0.0
-
-
-# SigMF `core:datatype` names of complex samples (the interleaved I,Q layouts).
-IQ_DATATYPES: dict[str, IqDatatype] = {
-    "cf32_le": IqDatatype("<f4", 1.0),
-    "cf64_le": IqDatatype("<f8", 1.0),
-    "ci32_le": IqDatatype("<i4", 1.0 / 2**31),
-    "ci16_le": IqDatatype("<i2", 1.0 / 2**15),
-    "ci8": IqDatatype("i1", 1.0 / 2**7),
-    "cu8": IqDatatype("u1", 1.0 / 2**7, 127.5),
-}
+# Every SigMF complex sample type the service knows (`serve_app/io/datatypes.py`).
+IQ_DATATYPES = SAMPLE_TYPES
 
 CAPTURE_COLUMNS = ("capture_id", "receiver_ids", "iq", "datatype", "sample_rate_hz",
                    "center_freq_hz")
@@ -75,14 +60,7 @@ class DecodedReceivers:
 
 def iq_to_bytes(iq: np.ndarray, datatype: str) -> bytes:
     """One receiver's complex IQ [S] as bytes in a SigMF datatype (the inverse of decoding)."""
-    dt = IQ_DATATYPES[datatype]
-    parts = np.asarray(iq, np.complex64).view(np.float32)
-    if np.dtype(dt.storage).kind == "f":
-        return parts.astype(dt.storage).tobytes()
-    info = np.iinfo(np.dtype(dt.storage))
-    with np.errstate(all="ignore"):
-        stored = np.rint(parts / dt.scale + dt.offset)
-    return np.clip(stored, info.min, info.max).astype(dt.storage).tobytes()
+    return IQ_DATATYPES[datatype].from_complex64(iq)
 
 
 def decode_receivers(
@@ -125,7 +103,7 @@ def decode_receivers(
     if len(receiver_ids) < MIN_RECEIVERS:
         raise InvalidInput("receiver_ids", f"at least {MIN_RECEIVERS} distinct receivers are "
                                            f"required, got {len(receiver_ids)}")
-    itemsize = 2 * np.dtype(dt.storage).itemsize
+    itemsize = dt.itemsize
     out = np.empty((len(receiver_ids), n_samples), np.complex64)
     for i, raw in enumerate(iq):
         if raw is None:
@@ -134,7 +112,7 @@ def decode_receivers(
         if buf.size != n_samples * itemsize:
             raise InvalidInput(f"iq[{i}]", f"{buf.size} bytes is not {n_samples} samples of "
                                            f"{datatype} ({itemsize} bytes each)")
-        parts = buf.view(dt.storage)
+        parts = buf.view(dt.component)
         row = out[i].view(np.float32)
         if dt.offset:
             np.subtract(parts, dt.offset, out=row, casting="unsafe")

@@ -18,6 +18,9 @@ the same dBm in another. ``cu8`` (rtl-sdr) first subtracts the midpoint of 0…2
 which keeps the map symmetric: codes 0 and 255 are −0.996 and +0.996, and a noise-free
 input centred on the midpoint averages to zero. (Dividing by 127.5 instead would make 255
 exactly 1.0 but cu8 steps 0.034 dB larger than ci8 steps of the same converter.)
+
+One table for every input: the HTTP API's ``dtype``, SigMF recordings and Parquet capture
+datasets (`serve_app.capture_parquet`).
 """
 
 from __future__ import annotations
