@@ -148,7 +148,11 @@ class LocalizationService:
                     continue
                 version = pinned or item.model_version
                 key = None if version else self._key(item, identity)
-                cached = await self._cache.get(key) if key and self._cache else None
+                cached = None
+                if key is not None and self._cache is not None and identity is not None:
+                    # Only answers of the model the key names are usable: an entry that
+                    # claims another model (forged, or written by a stale replica) is a miss.
+                    cached = await self._cache.get(key, (identity.version, identity.sha256))
                 if cached is not None:
                     out[i] = Outcome(result=_respond(cached["result"], cached["model"], {},
                                                      True, t0))

@@ -174,3 +174,57 @@ def test_rest_front_door_keeps_the_api_answers(network, chain, samples):
     chain.fail = Unavailable("overloaded: queue full")
     busy = asyncio.run(rest.predict(service, network, orjson.dumps(samples[0])))
     assert busy.status == 503 and busy.headers == {"Retry-After": "1"}
+
+
+REDIS_URL = "redis://127.0.0.1:6379/7"  # a DB of its own: the shared Redis keeps DB 0
+
+
+@pytest.fixture
+def redis_db():
+    """A client to DB 7 of the shared Redis; keys written by the test are deleted after."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    keys: list[str] = []
+    yield client, keys
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def test_forged_entry_claiming_another_model_is_a_miss_on_real_redis(network, chain, samples,
+                                                                     redis_db):
+    from serve_app.cache import RedisCache, cache_key
+
+    client, keys = redis_db
+    cache = RedisCache(REDIS_URL, ttl_s=60, timeout_ms=500)
+    service = LocalizationService(chain, len(network), cache=cache, identity=lambda: ALIAS,
+                                  batching=None)
+    [item] = _captures(samples[:1], network)
+    key = cache_key(f"{ALIAS.version}:{ALIAS.sha256}", item.decoded.canonical,
+                    item.confidence_level)
+    keys.append(key)
+    [want] = asyncio.run(service.localize([item]))  # the honest answer, now cached
+    honest = orjson.loads(client.get(key))
+    assert honest["model"]["version"] == "3" and chain.calls == [(1, None)]
+    # A well-formed entry under the same key that claims another model, at another place.
+    forged = {"result": {**honest["result"], "position": {"latitude": 0.0, "longitude": 0.0}},
+              "model": {**honest["model"], "version": "2"}}
+    client.set(key, orjson.dumps(forged))
+
+    async def read():
+        try:
+            return await service.localize([item])
+        finally:
+            await cache.close()
+
+    [got] = asyncio.run(read())
+    assert got.ok and got.result["cache_hit"] is False
+    assert got.result["position"] == want.result["position"] != forged["result"]["position"]
+    assert chain.calls == [(1, None), (1, None)]  # the forged entry sent it down the chain
+    assert cache.stats["invalid"] == 1
+    assert orjson.loads(client.get(key))["model"]["version"] == "3"  # replaced by the answer
