@@ -150,18 +150,23 @@ def test_broken_candidate_is_refused(app_url, registry, admin_headers, sample_re
         httpx.post(app_url + "/model/reload", headers=admin_headers, timeout=60)
 
 
-def test_pinned_versions(app_url, registry, sample_requests, tmp_path):
+def test_pinned_versions(app_url, registry, sample_requests, tmp_path, admin_headers):
     v_alias = served_version(app_url)
     v_pin = registry.register(variant(tmp_path, "pinned"), description="pinned")
     body = {**sample_requests["b64"][2], "cache": False}
+    # A version the alias never named is not open to pinning: the admin token may pin it.
     r = httpx.post(app_url + "/predict", json={**body, "model_version": v_pin}, timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["field"] == "model_version"
+    r = httpx.post(app_url + "/predict", json={**body, "model_version": v_pin}, timeout=60,
+                   headers=admin_headers)
     assert r.status_code == 200 and r.json()["model"]["version"] == v_pin
     r = httpx.post(app_url + "/predict", json=body, timeout=60,
-                   headers={"serve_multiplexed_model_id": v_pin})
+                   headers={"serve_multiplexed_model_id": v_pin, **admin_headers})
     assert r.status_code == 200 and r.json()["model"]["version"] == v_pin
     r = httpx.post(app_url + "/predict", json=body, timeout=60)
     assert r.json()["model"]["version"] == v_alias
-    r = httpx.post(app_url + "/predict", json={**body, "model_version": "999"}, timeout=60)
+    r = httpx.post(app_url + "/predict", json={**body, "model_version": "999"}, timeout=60,
+                   headers=admin_headers)
     assert r.status_code == 404 and r.json()["error"]["field"] == "model_version"
 
 
