@@ -27,6 +27,8 @@ app = FastAPI(
     title="rfloc-serve",
     description="Localize a radio transmitter from the IQ captures of a receiver network.",
     version="0.1.0",
+    docs_url=None,  # the Ingress serves /docs only when args.docs_ui enables it
+    redoc_url=None,
 )
 app.add_middleware(RequestMetricsMiddleware)  # reads the replica's self._metrics
 app.include_router(map_router)  # GET /map, its assets and /map/sample

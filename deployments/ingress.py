@@ -9,6 +9,7 @@ import threading
 
 import orjson
 from fastapi import Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -20,7 +21,7 @@ from deployments.metrics import IngressMetrics
 from deployments.oip import OpenInferenceProtocol
 from serve_app.cache import make_cache
 from serve_app.errors import InvalidInput, Unavailable
-from serve_app.lifecycle import AliasWatcher, make_registry
+from serve_app.lifecycle import AliasWatcher, make_registry, public_info
 from serve_app.protocols import rest
 from serve_app.receivers import load_network
 from serve_app.schemas import (
@@ -34,6 +35,12 @@ from serve_app.service import Batching, BytesInFlight, LocalizationService, PinR
 from serve_app.settings import AppArgs, EnvSettings, IngressConfig
 
 logger = logging.getLogger("ray.serve")
+
+# The Swagger UI page loads its script and style from jsDelivr: nothing else may load.
+DOCS_CSP = ("default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "style-src https://cdn.jsdelivr.net; img-src https://fastapi.tiangolo.com data:; "
+            "connect-src 'self'; frame-ancestors 'none'")
+
 
 def _batching(cfg: IngressConfig) -> Batching:
     return Batching(cfg.max_batch_size, cfg.max_batches_in_flight, cfg.overlap_min_captures)
@@ -150,8 +157,18 @@ class Ingress(OpenInferenceProtocol):
             "latitude": net.origin_lat, "longitude": net.origin_lon}}
 
     @app.get("/model/info")
-    async def model_info(self) -> dict:
-        """What a model replica serves, the alias the service follows, and reload history."""
+    async def model_info(self, request: Request) -> dict:
+        """What a model replica serves, the alias the service follows, and reload history.
+
+        With the admin token also the replica's PID and unredacted refusal reasons.
+        """
+        body = await self.info()
+        if self._is_admin(request.headers.get("authorization")):
+            return body
+        return public_info(body)
+
+    async def info(self) -> dict:
+        """The admin view of /model/info (also for handle callers in the cluster)."""
         info = await self._model.info.remote()
         ref = self._watcher.ref
         return {**info, "alias": self._watcher.alias, "alias_version": ref and ref.version,
@@ -159,13 +176,24 @@ class Ingress(OpenInferenceProtocol):
                 "challenger": self._challenger.info(),
                 "registry_ok": self._watcher.registry_ok and info.get("registry_ok", True)}
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self) -> Response:
+        """The Swagger UI, when args.docs_ui enables it (its assets come from a CDN)."""
+        if not self._args.docs_ui:
+            return respond(rest.error(404, None, "the API browser is off (args.docs_ui); the "
+                                                 "OpenAPI document is at /openapi.json"))
+        page = get_swagger_ui_html(openapi_url="/openapi.json", title="rfloc-serve")
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
     @app.get("/health")
     async def health(self) -> Response:
         """Readiness: a model is loaded. Registry and cache state in the details."""
         try:
             info = await asyncio.wait_for(self._model.info.remote(), timeout=5.0)
         except Exception as exc:  # any failure to reach a model replica means not ready
-            return respond(rest.error(503, None, f"model not ready: {exc}", {"Retry-After": "2"}))
+            logger.warning("health: no model replica answered: %r", exc)
+            return respond(rest.error(503, None, "model not ready", {"Retry-After": "2"}))
         registry_ok = self._watcher.registry_ok and info.get("registry_ok", True)
         body = {
             "status": "ok" if registry_ok else "degraded",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -241,3 +242,15 @@ class AliasWatcher:
             if self.registry_ok:
                 logger.warning("registry unreachable: %s", exc)
             self.registry_ok = False
+
+
+_LOCAL_PATH = re.compile(r"(?:file://)?/[^\s'\"()\[\],:]+")  # a path or file URI
+
+
+def public_info(info: dict) -> dict:
+    """What /model/info shows without the admin token: no PID, no local paths."""
+    out = {k: v for k, v in info.items() if k != "pid"}
+    refusal = out.get("last_refusal")
+    if isinstance(refusal, dict) and isinstance(refusal.get("reason"), str):
+        out["last_refusal"] = {**refusal, "reason": _LOCAL_PATH.sub("<path>", refusal["reason"])}
+    return out

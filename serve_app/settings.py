@@ -119,6 +119,10 @@ class AppArgs(BaseModel):
         default=20.0, gt=0, le=120, description="Time for all tries of one chain call, then "
         "503; keep it under the proxy's request_timeout_s.")
 
+    docs_ui: bool = Field(
+        default=False, description="Serve the Swagger UI at /docs; the browser loads its "
+        "script and style from the jsDelivr CDN (a Content-Security-Policy allows nothing "
+        "else). /openapi.json is always served.")
     pinnable_versions: list[str] | None = Field(
         default=None, description="Model versions any client may pin (`model_version`, the "
         "`serve_multiplexed_model_id` header, OIP `versions/{v}`); unset = the versions the "

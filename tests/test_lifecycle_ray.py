@@ -168,6 +168,7 @@ def test_pinned_versions(app_url, registry, sample_requests, tmp_path, admin_hea
     r = httpx.post(app_url + "/predict", json={**body, "model_version": "999"}, timeout=60,
                    headers=admin_headers)
     assert r.status_code == 404 and r.json()["error"]["field"] == "model_version"
+    assert r.json()["error"]["message"] == "model 'localization_model' has no version 999"
 
 
 def test_cold_start_without_registry_fails_fast(tmp_path):

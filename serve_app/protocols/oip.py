@@ -472,7 +472,8 @@ def grpc_status(exc: BaseException) -> tuple[Any, str]:
     status, body, _ = http_error(exc)
     err = body["error"]
     details = f"{err['field']}: {err['message']}" if err["field"] else err["message"]
-    code = {404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    code = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
+            404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
             503: grpc.StatusCode.UNAVAILABLE}.get(status)
     if code is None:
         code = grpc.StatusCode.INVALID_ARGUMENT if status < 500 else grpc.StatusCode.INTERNAL
