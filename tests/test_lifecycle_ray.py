@@ -221,6 +221,12 @@ def test_registry_unreachable_during_reload(app_url, admin_headers, sample_reque
         assert r.status_code == 503 and "registry unreachable" in r.json()["error"]["message"]
         for _ in range(5):
             assert httpx.post(url + "/predict", json=body, timeout=60).status_code == 200
+        # A version not loaded yet needs the registry: 503 with its own message, no traceback.
+        r = httpx.post(url + "/predict", json={**body, "model_version": "7"}, timeout=90,
+                       headers=admin_headers)
+        assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+        assert "Traceback" not in r.text and "pid=" not in r.text, r.text
+        print(f"\npinned while the registry is down: {r.status_code} {r.json()}")
         health = httpx.get(url + "/health", timeout=30).json()
         assert health["status"] == "degraded" and health["registry"] == "degraded"
         assert health["model"]["version"]

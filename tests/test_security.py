@@ -212,3 +212,27 @@ def test_open_model_info_has_no_pid_and_no_local_paths():
     assert "/" not in out["last_refusal"]["reason"].replace("<path>", "")
     assert out["last_refusal"]["reason"].startswith("<path>: not a loadable ONNX model")
     assert info["pid"] == 4242  # the admin view keeps it
+
+
+def test_docs_page_is_off_by_default_and_under_a_csp_when_on(monkeypatch):
+    from serve_app.settings import AppArgs
+
+    ingress = _ingress(monkeypatch, TOKEN)
+    for on in (False, True):
+        ingress._args = AppArgs(docs_ui=on)
+        page = asyncio.run(ingress.docs())
+        if not on:
+            assert page.status_code == 404
+            assert "/openapi.json" in orjson.loads(page.body)["error"]["message"]
+            continue
+        assert page.status_code == 200 and b"swagger-ui" in page.body
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+
+
+def test_is_admin_accepts_only_the_bearer_token(monkeypatch):
+    ingress = _ingress(monkeypatch, TOKEN)
+    assert ingress._is_admin(f"Bearer {TOKEN}") and ingress._is_admin(f"bearer {TOKEN}")
+    for auth in (None, "", "Bearer ", f"Basic {TOKEN}", f"Bearer {TOKEN}x", TOKEN):
+        assert not ingress._is_admin(auth), auth
+    assert not _ingress(monkeypatch, None)._is_admin(f"Bearer {TOKEN}")
