@@ -27,7 +27,7 @@ _VERSION_DIGITS = 16  # like the JSON API's model_version
 READY_TIMEOUT_S = 5.0
 TAGS: list[str | Enum] = ["Open Inference Protocol"]
 ERRORS: dict[int | str, dict[str, Any]] = {
-    c: {"model": oip.ErrorResponse} for c in (400, 404, 413, 422, 503)}
+    c: {"model": oip.ErrorResponse} for c in (400, 403, 404, 413, 422, 503)}
 NOT_READY: dict[int | str, dict[str, Any]] = {503: {"description": "Not ready."}}
 
 

