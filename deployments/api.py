@@ -15,6 +15,7 @@ from deployments.metrics import RequestMetricsMiddleware
 from serve_app.errors import InvalidInput, http_error
 from serve_app.protocols import Answer
 from serve_app.schemas import ErrorResponse
+from serve_app.service import Held
 
 logger = logging.getLogger("ray.serve")
 
@@ -26,6 +27,8 @@ app = FastAPI(
     title="rfloc-serve",
     description="Localize a radio transmitter from the IQ captures of a receiver network.",
     version="0.1.0",
+    docs_url=None,  # the Ingress serves /docs only when args.docs_ui enables it
+    redoc_url=None,
 )
 app.add_middleware(RequestMetricsMiddleware)  # reads the replica's self._metrics
 app.include_router(map_router)  # GET /map, its assets and /map/sample
@@ -37,17 +40,26 @@ def respond(answer: Answer) -> Response:
                     headers=answer.headers or None)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it is known to exceed `limit` bytes."""
+async def read_body(request: Request, limit: int, held: Held | None = None) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed `limit` bytes.
+
+    Streamed: no more than `limit` bytes are ever read. `held` counts them against the
+    replica's bytes in flight (503 when full): a declared length at once, before reading.
+    """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    known = int(declared) if declared is not None and declared.isdigit() else None
+    if known is not None and known > limit:
         raise InvalidInput("body", f"request body of {declared} bytes exceeds the limit "
                                    f"of {limit}", 413)
+    if held is not None and known is not None:
+        held.add(known)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise InvalidInput("body", f"request body exceeds the limit of {limit} bytes", 413)
+        if held is not None and (known is None or size > known):
+            held.add(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 

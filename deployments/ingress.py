@@ -9,6 +9,7 @@ import threading
 
 import orjson
 from fastapi import Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -19,15 +20,27 @@ from deployments.challenger import Challenger
 from deployments.metrics import IngressMetrics
 from deployments.oip import OpenInferenceProtocol
 from serve_app.cache import make_cache
-from serve_app.errors import InvalidInput
-from serve_app.lifecycle import AliasWatcher, make_registry
+from serve_app.errors import InvalidInput, Unavailable
+from serve_app.lifecycle import AliasWatcher, make_registry, public_info
 from serve_app.protocols import rest
 from serve_app.receivers import load_network
-from serve_app.schemas import BatchRequest, BatchResponse, CaptureRequest, PredictResponse
-from serve_app.service import Batching, LocalizationService
+from serve_app.schemas import (
+    MAX_CAPTURE_BODY_BYTES,
+    BatchRequest,
+    BatchResponse,
+    CaptureRequest,
+    PredictResponse,
+)
+from serve_app.service import Batching, BytesInFlight, LocalizationService, PinRules
 from serve_app.settings import AppArgs, EnvSettings, IngressConfig
 
 logger = logging.getLogger("ray.serve")
+
+# The Swagger UI page loads its script and style from jsDelivr: nothing else may load.
+DOCS_CSP = ("default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "style-src https://cdn.jsdelivr.net; img-src https://fastapi.tiangolo.com data:; "
+            "connect-src 'self'; frame-ancestors 'none'")
+
 
 def _batching(cfg: IngressConfig) -> Batching:
     return Batching(cfg.max_batch_size, cfg.max_batches_in_flight, cfg.overlap_min_captures)
@@ -46,19 +59,39 @@ class Ingress(OpenInferenceProtocol):
         self._network = load_network(self._args.receivers_path)
         self._cache = make_cache(self._env.redis_url, self._args.cache_ttl_s,
                                  self._args.cache_timeout_ms, self._args.local_cache_items)
-        self._registry = make_registry(self._env, self._args.model_name)
+        self._registry = make_registry(self._env, self._args.model_name,
+                                       self._args.model_cache_versions)
         self._watcher = AliasWatcher(self._registry, self._args.model_alias)
         self._metrics = IngressMetrics()
+        self._inflight = BytesInFlight(self._args.max_inflight_body_bytes)
         self._challenger = Challenger(self._metrics)
         self._service = LocalizationService(
             Chain(preprocessor, model, postprocessor, self._watcher, self._args),
             len(self._network), cache=self._cache,
             identity=lambda: self._watcher.ref, shadow=self._challenger.maybe_shadow,
             batching=_batching(IngressConfig()), max_captures=self._args.max_batch_captures,
-            after_request=lambda: self._metrics.sync_cache(self._cache))
+            after_request=lambda: self._metrics.sync_cache(self._cache),
+            pin_rules=self._pin_rules)
         self._poll_interval_s = 10.0
         self._stop = threading.Event()
         threading.Thread(target=self._poll, name="alias-poll", daemon=True).start()
+
+    def _pin_rules(self) -> PinRules:
+        """What clients may pin now: configured, or the versions the alias has named."""
+        w = self._watcher
+        ref = w.ref
+        if self._args.pinnable_versions is not None:
+            versions = set(self._args.pinnable_versions)
+        else:
+            versions = set(w.history) | ({ref.version} if ref is not None else set())
+        return PinRules(frozenset(versions), frozenset(self._args.pinnable_aliases), w.aliases)
+
+    def _is_admin(self, authorization: str | None) -> bool:
+        """Whether an Authorization value bears the admin token."""
+        token = self._env.admin_token
+        scheme, _, given = (authorization or "").partition(" ")
+        return token is not None and scheme.lower() == "bearer" and bool(given) and \
+            hmac.compare_digest(given.encode(), token.get_secret_value().encode())
 
     def reconfigure(self, config: dict) -> None:
         cfg = IngressConfig.model_validate(config or {})
@@ -87,30 +120,34 @@ class Ingress(OpenInferenceProtocol):
 
     # -- the rfloc JSON API -----------------------------------------------------------------
 
-    async def _body(self, request: Request) -> bytes:
-        return await read_body(request, self._args.max_body_bytes)
-
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS,
               openapi_extra=body_schema(CaptureRequest))
     async def predict(self, request: Request) -> Response:
         """Localize one capture."""
-        try:
-            body = await self._body(request)
-        except InvalidInput as exc:
-            return respond(rest.error_answer(exc))
-        pinned = request.headers.get("serve_multiplexed_model_id")
-        return respond(await rest.predict(self._service, self._network, body, pinned))
+        with self._inflight.hold() as held:
+            try:  # never read past what the largest valid capture needs
+                body = await read_body(request, min(self._args.max_body_bytes,
+                                                    MAX_CAPTURE_BODY_BYTES), held)
+            except (InvalidInput, Unavailable) as exc:
+                return respond(rest.error_answer(exc))
+            pinned = request.headers.get(rest.PIN_HEADER)
+            admin = self._is_admin(request.headers.get("authorization"))
+            return respond(await rest.predict(self._service, self._network, body, pinned,
+                                              admin))
 
     @app.post("/predict/batch", response_model=BatchResponse, responses=ERRORS,
               openapi_extra=body_schema(BatchRequest))
     async def predict_batch(self, request: Request) -> Response:
         """Localize several captures; a bad capture gets its own error entry."""
-        try:
-            body = await self._body(request)
-        except InvalidInput as exc:
-            return respond(rest.error_answer(exc))
-        pinned = request.headers.get("serve_multiplexed_model_id")
-        return respond(await rest.predict_batch(self._service, self._network, body, pinned))
+        with self._inflight.hold() as held:
+            try:
+                body = await read_body(request, self._args.max_body_bytes, held)
+            except (InvalidInput, Unavailable) as exc:
+                return respond(rest.error_answer(exc))
+            pinned = request.headers.get(rest.PIN_HEADER)
+            admin = self._is_admin(request.headers.get("authorization"))
+            return respond(await rest.predict_batch(self._service, self._network, body,
+                                                    pinned, admin))
 
     @app.get("/receivers")
     async def receivers(self) -> dict:
@@ -120,8 +157,18 @@ class Ingress(OpenInferenceProtocol):
             "latitude": net.origin_lat, "longitude": net.origin_lon}}
 
     @app.get("/model/info")
-    async def model_info(self) -> dict:
-        """What a model replica serves, the alias the service follows, and reload history."""
+    async def model_info(self, request: Request) -> dict:
+        """What a model replica serves, the alias the service follows, and reload history.
+
+        With the admin token also the replica's PID and unredacted refusal reasons.
+        """
+        body = await self.info()
+        if self._is_admin(request.headers.get("authorization")):
+            return body
+        return public_info(body)
+
+    async def info(self) -> dict:
+        """The admin view of /model/info (also for handle callers in the cluster)."""
         info = await self._model.info.remote()
         ref = self._watcher.ref
         return {**info, "alias": self._watcher.alias, "alias_version": ref and ref.version,
@@ -129,13 +176,24 @@ class Ingress(OpenInferenceProtocol):
                 "challenger": self._challenger.info(),
                 "registry_ok": self._watcher.registry_ok and info.get("registry_ok", True)}
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self) -> Response:
+        """The Swagger UI, when args.docs_ui enables it (its assets come from a CDN)."""
+        if not self._args.docs_ui:
+            return respond(rest.error(404, None, "the API browser is off (args.docs_ui); the "
+                                                 "OpenAPI document is at /openapi.json"))
+        page = get_swagger_ui_html(openapi_url="/openapi.json", title="rfloc-serve")
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
     @app.get("/health")
     async def health(self) -> Response:
         """Readiness: a model is loaded. Registry and cache state in the details."""
         try:
             info = await asyncio.wait_for(self._model.info.remote(), timeout=5.0)
         except Exception as exc:  # any failure to reach a model replica means not ready
-            return respond(rest.error(503, None, f"model not ready: {exc}", {"Retry-After": "2"}))
+            logger.warning("health: no model replica answered: %r", exc)
+            return respond(rest.error(503, None, "model not ready", {"Retry-After": "2"}))
         registry_ok = self._watcher.registry_ok and info.get("registry_ok", True)
         body = {
             "status": "ok" if registry_ok else "degraded",

@@ -26,7 +26,8 @@ class LocalizationModel:
     def __init__(self, args: dict) -> None:
         app_args = AppArgs.model_validate(args)
         network = load_network(app_args.receivers_path)
-        registry = make_registry(EnvSettings(), app_args.model_name)
+        registry = make_registry(EnvSettings(), app_args.model_name,
+                                 app_args.model_cache_versions)
         self._manager = ModelManager(registry, app_args.model_alias, network.ids,
                                      load_golden(app_args.default_model_dir))
         self._manager.refresh()  # cold start: fail fast without a valid model

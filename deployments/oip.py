@@ -27,7 +27,7 @@ _VERSION_DIGITS = 16  # like the JSON API's model_version
 READY_TIMEOUT_S = 5.0
 TAGS: list[str | Enum] = ["Open Inference Protocol"]
 ERRORS: dict[int | str, dict[str, Any]] = {
-    c: {"model": oip.ErrorResponse} for c in (400, 404, 413, 422, 503)}
+    c: {"model": oip.ErrorResponse} for c in (400, 403, 404, 413, 422, 503)}
 NOT_READY: dict[int | str, dict[str, Any]] = {503: {"description": "Not ready."}}
 
 
@@ -41,6 +41,16 @@ def _grpc_error(grpc_context: Any, exc: BaseException) -> None:
     grpc_context.set_details(details)
 
 
+def _metadata(grpc_context: Any, key: str) -> str | None:
+    """A gRPC request's metadata value (None without a context or the key)."""
+    if grpc_context is None:
+        return None
+    for k, value in grpc_context.invocation_metadata():
+        if k.lower() == key:
+            return value
+    return None
+
+
 class OpenInferenceProtocol:
     """OIP front door: health, metadata, readiness and infer over REST and gRPC."""
 
@@ -50,6 +60,8 @@ class OpenInferenceProtocol:
     _model: Any
     _args: Any
     _metrics: Any
+    _is_admin: Any
+    _inflight: Any
 
     # -- shared by both transports ------------------------------------------------------------
 
@@ -75,10 +87,14 @@ class OpenInferenceProtocol:
                 raise ModelError(f"model {name!r} has no version {version}")
         return versions
 
-    async def _infer(self, req: oip.InferRequest, name: str,
-                     version: str | None) -> tuple[list[oip.Tensor], str]:
+    async def _infer(self, req: oip.InferRequest, name: str, version: str | None,
+                     authorization: str | None) -> tuple[list[oip.Tensor], str]:
+        admin = self._is_admin(authorization)
+        if name != self._args.model_name:  # the model's name is checked before its version
+            await self._versions(name, None)
+        version = self._service.pin(version, "model_version", admin)  # the pinning policy
         await self._versions(name, version)
-        return await oip.infer(self._service, self._network, req, name, version)
+        return await oip.infer(self._service, self._network, req, name, version, admin=admin)
 
     # -- REST -------------------------------------------------------------------------------------
 
@@ -147,14 +163,16 @@ class OpenInferenceProtocol:
         return await self._rest_infer(name, version, request)
 
     async def _rest_infer(self, name: str, version: str | None, request: Request) -> Response:
-        try:
-            body = await read_body(request, self._args.max_body_bytes)
-            req = await off_loop_if_large(oip.parse_rest, body,
-                                          request.headers.get(oip.HEADER_LENGTH))
-            tensors, served = await self._infer(req, name, version)
-        except DOMAIN_ERRORS as exc:
-            return respond(oip.error_answer(exc))
-        return respond(oip.rest_answer(name, served, req, tensors))
+        with self._inflight.hold() as held:
+            try:
+                body = await read_body(request, self._args.max_body_bytes, held)
+                req = await off_loop_if_large(oip.parse_rest, body,
+                                              request.headers.get(oip.HEADER_LENGTH))
+                tensors, served = await self._infer(req, name, version,
+                                                    request.headers.get("authorization"))
+            except DOMAIN_ERRORS as exc:
+                return respond(oip.error_answer(exc))
+            return respond(oip.rest_answer(name, served, req, tensors))
 
     # -- gRPC (inference.GRPCInferenceService) ---------------------------------------------------
 
@@ -195,19 +213,22 @@ class OpenInferenceProtocol:
                          grpc_context: Any = None) -> pb.ModelInferResponse:
         t0 = time.perf_counter()
         status = 500
-        try:
-            size = request.ByteSize()
-            if size > self._args.max_body_bytes:
-                raise InvalidInput("body", f"request of {size} bytes exceeds the limit of "
-                                           f"{self._args.max_body_bytes}", 413)
-            req = oip.parse_grpc(request)
-            version = request.model_version or None
-            tensors, served = await self._infer(req, request.model_name, version)
-            status = 200
-        except DOMAIN_ERRORS as exc:
-            status = http_error(exc)[0]
-            _grpc_error(grpc_context, exc)
-            return pb.ModelInferResponse()
-        finally:  # counted like the HTTP routes: rfloc_requests, and stage "total"
-            self._metrics.request(GRPC_INFER, status, (time.perf_counter() - t0) * 1000.0)
-        return oip.grpc_response(request.model_name, served, req, tensors)
+        with self._inflight.hold() as held:
+            try:
+                size = request.ByteSize()
+                if size > self._args.max_body_bytes:
+                    raise InvalidInput("body", f"request of {size} bytes exceeds the limit of "
+                                               f"{self._args.max_body_bytes}", 413)
+                held.add(size)
+                req = oip.parse_grpc(request)
+                version = request.model_version or None
+                tensors, served = await self._infer(req, request.model_name, version,
+                                                    _metadata(grpc_context, "authorization"))
+                status = 200
+            except DOMAIN_ERRORS as exc:
+                status = http_error(exc)[0]
+                _grpc_error(grpc_context, exc)
+                return pb.ModelInferResponse()
+            finally:  # counted like the HTTP routes: rfloc_requests, and stage "total"
+                self._metrics.request(GRPC_INFER, status, (time.perf_counter() - t0) * 1000.0)
+            return oip.grpc_response(request.model_name, served, req, tensors)

@@ -109,6 +109,41 @@ def streamed_oversize(url: str, limit: int, path: str = "/predict",
             "body_bytes": sent}
 
 
+def held_uploads(url: str, n: int, declared: int, path: str = "/predict/batch") -> list:
+    """`n` connections that announce a `declared`-byte body and send 1 KiB of it, kept open.
+
+    The caller closes the sockets. What the service holds for them is what many slow
+    uploads (or a slowloris) make it hold.
+    """
+    socks = []
+    for _ in range(n):
+        sock, host = _connect(url)
+        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                      f"application/json\r\nContent-Length: {declared}\r\n\r\n").encode()
+                     + b" " * 1024)
+        socks.append(sock)
+    return socks
+
+
+def declared_upload(url: str, declared: int, path: str = "/predict/batch",
+                    timeout_s: float = 10.0) -> dict:
+    """One more announced upload: its status and Retry-After if answered within `timeout_s`
+    before any more of the body is sent (status -1: the service is reading it)."""
+    sock, host = _connect(url)
+    with sock:
+        sock.settimeout(timeout_s)
+        t0 = time.perf_counter()
+        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                      f"application/json\r\nContent-Length: {declared}\r\n\r\n").encode())
+        try:
+            status, headers, body = _read_response(sock)
+        except (TimeoutError, ConnectionError):
+            status, headers, body = -1, {}, b""
+        seconds = time.perf_counter() - t0
+    return {"status": status, "retry_after": headers.get("retry-after"),
+            "message": body.decode(errors="replace")[:200], "seconds": seconds}
+
+
 # -- JSON bodies -------------------------------------------------------------------------------
 
 

@@ -56,8 +56,19 @@ def batch_item_error(error: dict, index: int) -> dict:
     return {**error, "field": f"captures[{index}].{field}"} if field else error
 
 
+def domain_cause(exc: BaseException) -> BaseException:
+    """The domain error itself when `exc` carries one raised in another process.
+
+    An error raised in a replica arrives as Ray's wrapper, an instance of its class whose
+    text is the remote traceback (paths, PID, address): never the text of an answer.
+    """
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, RflocError) and isinstance(exc, RflocError) else exc
+
+
 def http_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     """Status, body `{"error": {...}}` and headers of a domain error: the one mapping."""
+    exc = domain_cause(exc)
     if isinstance(exc, InvalidInput):
         return exc.status_code, {"error": error_body(exc)}, {}
     if isinstance(exc, ModelError):  # only a pinned version can be unknown to a request

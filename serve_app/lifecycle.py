@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -23,14 +24,17 @@ logger = logging.getLogger(__name__)
 
 
 
-def make_registry(env: EnvSettings, model_name: str) -> ModelRegistry:
+def make_registry(env: EnvSettings, model_name: str,
+                  max_cached_versions: int | None = None) -> ModelRegistry:
     """The MLflow server of MLFLOW_TRACKING_URI, or the embedded SQLite registry."""
     cache_dir = env.state_dir / "model-cache"
     if env.mlflow_tracking_uri:
-        return ModelRegistry(env.mlflow_tracking_uri, model_name=model_name, cache_dir=cache_dir)
+        return ModelRegistry(env.mlflow_tracking_uri, model_name=model_name, cache_dir=cache_dir,
+                             max_cached_versions=max_cached_versions)
     env.state_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri, _ = embedded_uris(env.state_dir)
-    return ModelRegistry(tracking_uri, model_name=model_name, cache_dir=cache_dir)
+    return ModelRegistry(tracking_uri, model_name=model_name, cache_dir=cache_dir,
+                         max_cached_versions=max_cached_versions)
 
 
 def bootstrap(args: AppArgs, env: EnvSettings) -> str:
@@ -204,6 +208,8 @@ class AliasWatcher:
         self.alias = alias
         self.ref: ModelRef | None = None
         self.versions: tuple[str, ...] = ()
+        self.aliases: dict[str, str] = {}  # every alias of the model -> its version
+        self.history: tuple[str, ...] = ()  # versions the followed alias has pointed at
         self.registry_ok = True
 
     def configure(self, alias: str) -> bool:
@@ -216,7 +222,8 @@ class AliasWatcher:
         """Resolve the alias now; an unreachable registry keeps the last answer."""
         alias = self.alias
         try:
-            version = self._registry.get_alias(alias)
+            aliases, history = self._registry.alias_view(alias)
+            version = aliases.get(alias)
             ref = self.ref
             if version is None:
                 ref = None
@@ -226,6 +233,7 @@ class AliasWatcher:
                 ref = ModelRef(name=self._registry.model_name, version=version, alias=alias,
                                sha256=self._registry.version_sha256(version))
             self.versions = tuple(self._registry.version_numbers())
+            self.aliases, self.history = aliases, tuple(history)
             self.ref = ref
             if not self.registry_ok:
                 logger.info("registry reachable again")
@@ -234,3 +242,15 @@ class AliasWatcher:
             if self.registry_ok:
                 logger.warning("registry unreachable: %s", exc)
             self.registry_ok = False
+
+
+_LOCAL_PATH = re.compile(r"(?:file://)?/[^\s'\"()\[\],:]+")  # a path or file URI
+
+
+def public_info(info: dict) -> dict:
+    """What /model/info shows without the admin token: no PID, no local paths."""
+    out = {k: v for k, v in info.items() if k != "pid"}
+    refusal = out.get("last_refusal")
+    if isinstance(refusal, dict) and isinstance(refusal.get("reason"), str):
+        out["last_refusal"] = {**refusal, "reason": _LOCAL_PATH.sub("<path>", refusal["reason"])}
+    return out

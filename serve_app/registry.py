@@ -13,6 +13,7 @@ fails fast; operators can still override both through the environment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -113,12 +114,15 @@ class ModelRegistry:
         cache_dir: Path | None = None,
         timeout_s: float = 10.0,
         artifact_location: str | None = None,
+        max_cached_versions: int | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.registry_uri = registry_uri or tracking_uri
         self.model_name = model_name
         self.cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
         self.timeout_s = timeout_s
+        # Versions kept on disk under cache_dir (None: all); the least recently used go first.
+        self.max_cached_versions = max_cached_versions
         # Only used when this client creates the experiment; keeps runs out of the CWD.
         self._artifact_location = artifact_location or _sqlite_artifact_location(tracking_uri)
         if tracking_uri.startswith("sqlite:///"):
@@ -263,6 +267,19 @@ class ModelRegistry:
                 self._write_history(alias, history)
         logger.info("alias %s@%s -> version %s", self.model_name, alias, version)
 
+    def alias_view(self, alias: str) -> tuple[dict[str, str], list[str]]:
+        """Every alias -> version, and the versions `alias` has pointed at (one registry call)."""
+        with self._guard(f"reading aliases of {self.model_name!r}"):
+            try:
+                model = self._client.get_registered_model(self.model_name)
+            except MlflowException as exc:
+                if exc.error_code == _NOT_FOUND:
+                    return {}, []
+                raise
+        aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
+        raw = (model.tags or {}).get(f"{alias}_history", "")
+        return aliases, [v for v in raw.split(",") if v]
+
     def get_alias(self, alias: str) -> str | None:
         """Version the alias points at; None if the alias is unset or the model absent."""
         with self._guard(f"reading alias {alias!r} of {self.model_name!r}"):
@@ -379,7 +396,10 @@ class ModelRegistry:
             target = self.cache_dir / self.model_name / version
             if not self._cache_valid(target, expected):
                 self._download(mv.run_id, mv.source, target, expected, version)
+                self._prune(keep=target)
         card = json.loads((target / CARD_FILENAME).read_text())
+        with contextlib.suppress(OSError):  # its mtime orders the versions for pruning
+            os.utime(target)
         return ResolvedModel(
             name=self.model_name,
             version=version,
@@ -440,6 +460,23 @@ class ModelRegistry:
             logger.info("downloaded %s version %s to %s", self.model_name, version, target)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _prune(self, keep: Path) -> None:
+        """Delete the least recently used versions beyond `max_cached_versions` (not `keep`)."""
+        if self.max_cached_versions is None:
+            return
+        try:
+            found = [d for d in keep.parent.iterdir() if d.is_dir() and d.name.isdigit()]
+            found.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+        except OSError as exc:
+            logger.warning("could not list the model cache %s: %s", keep.parent, exc)
+            return
+        others = [d for d in found if d != keep]
+        # A loaded ONNX session keeps its bytes: deleting the files of a version in use by
+        # another replica costs that replica a download if it loads the version again.
+        for old in others[max(0, self.max_cached_versions - 1):]:
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("pruned %s version %s from the model cache", self.model_name, old.name)
 
     def ping(self) -> bool:
         """True if the registry answers a cheap query."""

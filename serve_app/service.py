@@ -12,11 +12,13 @@ Request policies (limits on captures, pinning rules, bytes in flight) go in `adm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 
 import numpy as np
@@ -24,7 +26,7 @@ import numpy as np
 from serve_app.cache import PredictionCache, cache_key
 from serve_app.coalesce import Coalescer
 from serve_app.decode import DecodedCapture
-from serve_app.errors import InvalidInput, error_body
+from serve_app.errors import InvalidInput, Unavailable, error_body
 from serve_app.pipeline import CaptureGroup, Group, split_group, stack_captures
 from serve_app.schemas import ModelRef
 
@@ -68,6 +70,58 @@ class _Pending:
         return len(self.captures)
 
 
+MAX_VERSION_DIGITS = 16  # like the JSON API's model_version
+_ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PinRules:
+    """What a request may pin: versions and aliases open to any client; aliases resolved.
+
+    Anything else needs the admin token. Every spelling of a version (`1`, `01`) becomes one
+    multiplexed id, so a client cannot make the model replicas load a version twice.
+    """
+
+    open_versions: frozenset[str] = frozenset()
+    open_aliases: frozenset[str] = frozenset()
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)  # alias -> version
+
+
+class BytesInFlight:
+    """A bound on the request bytes a replica holds at once; beyond it, 503 at once.
+
+    Bodies are counted while they are read and until their answer is sent, so many large
+    uploads cannot together exhaust a replica's memory. One event loop uses it: no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[Held]:
+        """A request's share; what it took is given back when the block ends."""
+        held = Held(self)
+        try:
+            yield held
+        finally:
+            self.held -= held.n_bytes
+
+
+class Held:
+    """The bytes one request holds of a `BytesInFlight`."""
+
+    def __init__(self, owner: BytesInFlight) -> None:
+        self._owner, self.n_bytes = owner, 0
+
+    def add(self, n_bytes: int) -> None:
+        """Take `n_bytes` more, or raise `Unavailable` (503) if the bound would be passed."""
+        owner = self._owner
+        if owner.held + n_bytes > owner.limit:
+            raise Unavailable(f"request bytes in flight would exceed {owner.limit}; retry later")
+        owner.held += n_bytes
+        self.n_bytes += n_bytes
+
+
 @dataclasses.dataclass(frozen=True)
 class Batching:
     """Cross-request batching of alias-served captures (see `serve_app.coalesce`)."""
@@ -96,8 +150,10 @@ class LocalizationService:
         batching: Batching | None = Batching(),
         max_captures: int | None = None,
         after_request: Callable[[], None] | None = None,
+        pin_rules: Callable[[], PinRules] | None = None,
     ) -> None:
         self._chain, self._n_receivers = chain, n_receivers
+        self._pin_rules = pin_rules  # None: pins pass unchecked (the naive baseline)
         self._cache, self._identity, self._shadow = cache, identity, shadow
         self._after = after_request
         self.max_captures = max_captures
@@ -126,17 +182,77 @@ class LocalizationService:
             raise InvalidInput(field, f"at most {self.max_captures} captures per request, "
                                       f"got {n_captures}", 413)
 
+    def pin(self, value: str | None, field: str, admin: bool = False) -> str | None:
+        """The version a pin names (normalised: the one multiplexed id), or refuse it.
+
+        422 for a malformed value or an unknown alias, 403 for a version or alias that only
+        the admin token may pin; `field` names the pin in the error.
+        """
+        if not value or self._pin_rules is None:
+            return value or None
+        rules = self._pin_rules()
+        if value.isascii() and value.isdigit():
+            if len(value) > MAX_VERSION_DIGITS or int(value) == 0:
+                raise InvalidInput(field, f"a version number is 1 to {MAX_VERSION_DIGITS} "
+                                          "digits and not 0")
+            version = str(int(value))
+            # What an open alias names now is open by number too (the same model either way).
+            via_alias = {rules.aliases.get(a) for a in rules.open_aliases}
+            if not admin and version not in rules.open_versions and version not in via_alias:
+                raise InvalidInput(field, f"version {version} is not open to pinning; it "
+                                          "needs the admin token", 403)
+            return version
+        if not _ALIAS.fullmatch(value):
+            raise InvalidInput(field, "must be a version number or an alias name")
+        if not admin and value not in rules.open_aliases:
+            raise InvalidInput(field, f"alias {value!r} is not open to pinning; it needs the "
+                                      "admin token", 403)
+        version = rules.aliases.get(value)
+        if version is None:
+            raise InvalidInput(field, f"the model has no alias {value!r}")
+        return version
+
+    def admit_pins(self, items: Sequence[Capture | InvalidInput], pinned: str | None,
+                   pinned_field: str, admin: bool, batch: bool
+                   ) -> tuple[str | None, list[Capture | InvalidInput]]:
+        """The request-wide pin and the items with their pins checked and normalised.
+
+        A request pins one version at most: a batch whose captures pin two is refused (422).
+        """
+        if pinned:
+            return self.pin(pinned, pinned_field, admin), list(items)
+        out: list[Capture | InvalidInput] = []
+        first: tuple[str, str] | None = None  # (version, field) of the first pinned capture
+        for i, item in enumerate(items):
+            if isinstance(item, InvalidInput) or not item.model_version:
+                out.append(item)
+                continue
+            field = f"captures[{i}].model_version" if batch else "model_version"
+            version = self.pin(item.model_version, field, admin)
+            if first is None:
+                first = (version or "", field)
+            elif version != first[0]:
+                raise InvalidInput(field, f"one pinned version per request: {first[1]} pins "
+                                          f"version {first[0]}, this capture {version}")
+            out.append(dataclasses.replace(item, model_version=version))
+        return None, out
+
     # -- the request --------------------------------------------------------------------------
 
     async def localize(self, items: Sequence[Capture | InvalidInput],
-                       pinned: str | None = None) -> list[Outcome]:
+                       pinned: str | None = None, *,
+                       pinned_field: str = "serve_multiplexed_model_id", admin: bool = False,
+                       batch: bool = False) -> list[Outcome]:
         """Outcomes of `items` in order; an `InvalidInput` item keeps its error.
 
-        `pinned` (a request-wide version) overrides each capture's `model_version`. Errors
-        of the chain come back unprefixed; the front door places them (e.g. `captures[i].`).
+        `pinned` (a request-wide version, named `pinned_field` in errors) overrides each
+        capture's `model_version`; pins pass `admit_pins` first (`admin`: the request bears
+        the admin token; `batch`: errors name `captures[i].model_version`). Errors of the
+        chain come back unprefixed; the front door places them (e.g. `captures[i].`).
         Raises `Unavailable` when the chain cannot answer at all.
         """
         self.admit(len(items))
+        pinned, items = self.admit_pins(items, pinned, pinned_field, admin, batch)
         t0 = time.perf_counter()
         identity = self._identity()  # what this request's cache keys are made of
         out: list[Outcome | None] = [None] * len(items)
@@ -148,7 +264,11 @@ class LocalizationService:
                     continue
                 version = pinned or item.model_version
                 key = None if version else self._key(item, identity)
-                cached = await self._cache.get(key) if key and self._cache else None
+                cached = None
+                if key is not None and self._cache is not None and identity is not None:
+                    # Only answers of the model the key names are usable: an entry that
+                    # claims another model (forged, or written by a stale replica) is a miss.
+                    cached = await self._cache.get(key, (identity.version, identity.sha256))
                 if cached is not None:
                     out[i] = Outcome(result=_respond(cached["result"], cached["model"], {},
                                                      True, t0))

@@ -101,6 +101,10 @@ class AppArgs(BaseModel):
     )
     bootstrap: bool = Field(default=True, description="Register the shipped model if needed.")
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Request body cap.")
+    max_inflight_body_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="Request body bytes one Ingress "
+        "replica holds at once (being read or awaiting their answer); a request that would "
+        "pass it is answered 503 with Retry-After. At least max_body_bytes.")
     max_batch_captures: int = Field(default=MAX_BATCH_CAPTURES, ge=1, le=MAX_BATCH_CAPTURES,
                                     description="Most captures in one /predict/batch request.")
     cache_ttl_s: float = Field(default=3600.0, gt=0, description="Prediction cache TTL.")
@@ -114,6 +118,39 @@ class AppArgs(BaseModel):
     chain_budget_s: float = Field(
         default=20.0, gt=0, le=120, description="Time for all tries of one chain call, then "
         "503; keep it under the proxy's request_timeout_s.")
+
+    docs_ui: bool = Field(
+        default=False, description="Serve the Swagger UI at /docs; the browser loads its "
+        "script and style from the jsDelivr CDN (a Content-Security-Policy allows nothing "
+        "else). /openapi.json is always served.")
+    pinnable_versions: list[str] | None = Field(
+        default=None, description="Model versions any client may pin (`model_version`, the "
+        "`serve_multiplexed_model_id` header, OIP `versions/{v}`); unset = the versions the "
+        "serving alias has pointed at; [] = none. Other versions need the admin token.")
+    pinnable_aliases: list[str] = Field(
+        default=[], description="Aliases any client may pin; they are resolved to "
+        "the version they name before the request is served. Other aliases need the admin "
+        "token.")
+    model_cache_versions: int = Field(
+        default=8, ge=1, le=1024, description="Model versions kept in the on-disk model "
+        "cache of each node; the least recently used beyond it are deleted.")
+
+    @field_validator("pinnable_versions")
+    @classmethod
+    def _versions_are_numbers(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        bad = [v for v in value if not (v.isascii() and v.isdigit() and int(v) > 0)]
+        if bad:
+            raise ValueError(f"pinnable_versions: not version numbers: {bad}")
+        return [str(int(v)) for v in value]
+
+    @model_validator(mode="after")
+    def _inflight_fits_a_body(self) -> AppArgs:
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError("max_inflight_body_bytes must be at least max_body_bytes "
+                             f"({self.max_body_bytes}), or the largest body is always refused")
+        return self
 
     @model_validator(mode="after")
     def _paths_exist(self) -> AppArgs:

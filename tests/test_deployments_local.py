@@ -130,7 +130,7 @@ def test_ingress_over_a_fake_chain(network, captures, app_args):
     handle = _run(Ingress.bind(FakePre.bind(), FakeModel.bind(), FakePost.bind(), app_args))
     assert asyncio.run(_call(handle.ServerReady, pb.ServerReadyRequest())).ready
     deadline = time.monotonic() + 60  # the Ingress resolves the alias in its poll thread
-    while asyncio.run(_call(handle.model_info))["alias_version"] != "1":
+    while asyncio.run(_call(handle.info))["alias_version"] != "1":
         assert time.monotonic() < deadline, "the Ingress never resolved the alias"
         time.sleep(0.05)
 
@@ -149,7 +149,7 @@ def test_ingress_over_a_fake_chain(network, captures, app_args):
     [group] = infer(preprocess([captures[0]], network), model, ref)
     want = postprocess(group, network).results[0]["position"]
     assert got.tolist() == [want["latitude"], want["longitude"]]
-    info = asyncio.run(_call(handle.model_info))
+    info = asyncio.run(_call(handle.info))
     # The model replicas heard the alias's version from the Ingress's watcher.
     assert info["alias_version"] == "1" and info["calls"] == [(1, "production", "1")]
 

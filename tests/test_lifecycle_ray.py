@@ -150,19 +150,25 @@ def test_broken_candidate_is_refused(app_url, registry, admin_headers, sample_re
         httpx.post(app_url + "/model/reload", headers=admin_headers, timeout=60)
 
 
-def test_pinned_versions(app_url, registry, sample_requests, tmp_path):
+def test_pinned_versions(app_url, registry, sample_requests, tmp_path, admin_headers):
     v_alias = served_version(app_url)
     v_pin = registry.register(variant(tmp_path, "pinned"), description="pinned")
     body = {**sample_requests["b64"][2], "cache": False}
+    # A version the alias never named is not open to pinning: the admin token may pin it.
     r = httpx.post(app_url + "/predict", json={**body, "model_version": v_pin}, timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["field"] == "model_version"
+    r = httpx.post(app_url + "/predict", json={**body, "model_version": v_pin}, timeout=60,
+                   headers=admin_headers)
     assert r.status_code == 200 and r.json()["model"]["version"] == v_pin
     r = httpx.post(app_url + "/predict", json=body, timeout=60,
-                   headers={"serve_multiplexed_model_id": v_pin})
+                   headers={"serve_multiplexed_model_id": v_pin, **admin_headers})
     assert r.status_code == 200 and r.json()["model"]["version"] == v_pin
     r = httpx.post(app_url + "/predict", json=body, timeout=60)
     assert r.json()["model"]["version"] == v_alias
-    r = httpx.post(app_url + "/predict", json={**body, "model_version": "999"}, timeout=60)
+    r = httpx.post(app_url + "/predict", json={**body, "model_version": "999"}, timeout=60,
+                   headers=admin_headers)
     assert r.status_code == 404 and r.json()["error"]["field"] == "model_version"
+    assert r.json()["error"]["message"] == "model 'localization_model' has no version 999"
 
 
 def test_cold_start_without_registry_fails_fast(tmp_path):
@@ -215,6 +221,12 @@ def test_registry_unreachable_during_reload(app_url, admin_headers, sample_reque
         assert r.status_code == 503 and "registry unreachable" in r.json()["error"]["message"]
         for _ in range(5):
             assert httpx.post(url + "/predict", json=body, timeout=60).status_code == 200
+        # A version not loaded yet needs the registry: 503 with its own message, no traceback.
+        r = httpx.post(url + "/predict", json={**body, "model_version": "7"}, timeout=90,
+                       headers=admin_headers)
+        assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+        assert "Traceback" not in r.text and "pid=" not in r.text, r.text
+        print(f"\npinned while the registry is down: {r.status_code} {r.json()}")
         health = httpx.get(url + "/health", timeout=30).json()
         assert health["status"] == "degraded" and health["registry"] == "degraded"
         assert health["model"]["version"]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
 from load import hostile
+from serve_app.schemas import MAX_CAPTURE_BODY_BYTES
 from tests.conftest import shipped_config
 
 pytestmark = pytest.mark.ray
@@ -22,9 +25,11 @@ def test_declared_oversize_is_refused_without_reading_the_body(app_url, body_lim
     assert (declared["status"], declared["field"]) == (413, "body"), declared
     assert declared["sent_bytes"] == 0
     # Reading even the allowed maximum through the proxy takes far longer than this refusal.
-    streamed = hostile.streamed_oversize(app_url, body_limit)
+    # A /predict body is read no further than the largest valid capture needs.
+    limit = min(body_limit, MAX_CAPTURE_BODY_BYTES)
+    streamed = hostile.streamed_oversize(app_url, limit)
     assert (streamed["status"], streamed["field"]) == (413, "body"), streamed
-    assert body_limit <= streamed["sent_bytes"] <= body_limit + 16 * (1 << 20)
+    assert limit <= streamed["sent_bytes"] <= limit + 16 * (1 << 20)
     print(f"\ndeclared 1 GiB refused in {declared['seconds'] * 1000:.0f} ms; "
           f"{streamed['sent_bytes'] >> 20} MiB streamed refused after "
           f"{streamed['seconds'] * 1000:.0f} ms")
@@ -46,3 +51,33 @@ def test_receivers_samples_and_captures_limits(app_url, sample_requests):
         assert by_name[name].median_ms < 3000, (name, by_name[name].median_ms)
     r = httpx.post(app_url + "/predict", json={**good, "cache": False}, timeout=60)
     assert r.status_code == 200
+
+
+def test_request_bytes_in_flight_are_bounded(app_url, sample_requests):
+    args = shipped_config(0)["applications"][0]["args"]
+    budget = int(args["max_inflight_body_bytes"])
+    declared = 60 * (1 << 20)
+    n_fit = budget // declared  # uploads the Ingress holds at once
+    socks = hostile.held_uploads(app_url, n_fit, declared)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the held uploads reach the Ingress in their own time
+            extra = hostile.declared_upload(app_url, declared, timeout_s=5)
+            if extra["status"] == 503 or time.monotonic() > deadline:
+                break
+        assert extra["status"] == 503 and extra["retry_after"], extra
+        assert "in flight" in extra["message"]
+        # Small requests still fit beside the held bytes.
+        r = httpx.post(app_url + "/predict", json=sample_requests["b64"][0], timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        for sock in socks:
+            sock.close()
+    print(f"\n{n_fit} held uploads of {declared >> 20} MiB; one more: {extra}")
+    deadline = time.monotonic() + 60
+    while True:  # the closed uploads give their bytes back
+        after = hostile.declared_upload(app_url, declared, timeout_s=5)
+        if after["status"] != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert after["status"] != 503, after

@@ -99,15 +99,22 @@ def test_grpc_infer_equals_predict(app_url, grpc_client, samples, network):
     assert result.as_numpy("GEOJSON").shape == (1,)
 
 
-def test_pinned_version(http_client, grpc_client, samples, network, alias_version):
+def test_pinned_version(http_client, grpc_client, samples, network, alias_version,
+                        admin_headers):
     iq, ids = oip_tensors(samples, network, [0])
+    admin = {k.lower(): v for k, v in admin_headers.items()}  # gRPC metadata keys: lower case
     for client, module in ((http_client, httpclient), (grpc_client, grpcclient)):
-        result = client.infer(NAME, _inputs(module, iq[0], ids[0]), model_version=alias_version)
-        response = result.get_response()
-        version = response["model_version"] if module is httpclient else response.model_version
-        assert version == alias_version
-        with pytest.raises(InferenceServerException, match="no version 999"):
+        for spelling in (alias_version, "00" + alias_version):  # one version, normalised
+            result = client.infer(NAME, _inputs(module, iq[0], ids[0]), model_version=spelling)
+            response = result.get_response()
+            version = (response["model_version"] if module is httpclient
+                       else response.model_version)
+            assert version == alias_version
+        with pytest.raises(InferenceServerException, match="needs the admin token"):
             client.infer(NAME, _inputs(module, iq[0], ids[0]), model_version="999")
+        with pytest.raises(InferenceServerException, match="no version 999"):
+            client.infer(NAME, _inputs(module, iq[0], ids[0]), model_version="999",
+                         headers=dict(admin))  # the HTTP client writes into it
 
 
 def _bad_requests(iq, ids):

@@ -379,3 +379,44 @@ def test_alias_watcher_keeps_its_view_when_the_registry_is_down(tmp_path: Path) 
     watcher.ref = ref = ModelRef(name="m", version="3", alias="production", sha256="ab")
     watcher.check()
     assert watcher.registry_ok is False and watcher.ref is ref
+
+
+def test_model_cache_on_disk_keeps_the_most_recently_used_versions(
+        state_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    tracking_uri, _ = embedded_uris(state_dir)
+    registry = ModelRegistry(tracking_uri, model_name=f"m_{request.node.name}",
+                             cache_dir=tmp_path / "cache", max_cached_versions=2)
+    versions = [registry.register(_tiny_onnx(tmp_path / f"{i}.onnx", 1.0 + i))
+                for i in range(4)]
+    on_disk = tmp_path / "cache" / registry.model_name
+
+    def cached() -> set[str]:
+        return {d.name for d in on_disk.iterdir() if not d.name.startswith(".")}
+
+    v1, v2, v3, v4 = versions
+    registry.resolve(v1)
+    registry.resolve(v2)
+    assert cached() == {v1, v2}
+    os.utime(on_disk / v1, (1, 1))  # v1 was used long ago: it goes first
+    os.utime(on_disk / v2, (2, 2))
+    registry.resolve(v1)  # a cache hit marks v1 used now
+    registry.resolve(v3)
+    assert cached() == {v1, v3}
+    os.utime(on_disk / v1, (3, 3))
+    resolved = registry.resolve(v4)
+    assert cached() == {v3, v4} and resolved.onnx_path.is_file()
+    again = registry.resolve(v2)  # pruned: downloaded again, still verified
+    assert sha256_file(again.onnx_path) == registry.version_sha256(v2)
+    assert v2 in cached() and len(cached()) == 2
+
+
+def test_alias_view_names_every_alias_and_the_history(registry: ModelRegistry,
+                                                      onnx_files) -> None:
+    assert registry.alias_view("production") == ({}, [])  # model absent
+    a, b = onnx_files
+    va, vb = registry.register(a), registry.register(b)
+    registry.set_alias("production", va)
+    registry.set_alias("production", vb)
+    registry.set_alias("staging", va)
+    aliases, history = registry.alias_view("production")
+    assert aliases == {"production": vb, "staging": va} and history == [va, vb]

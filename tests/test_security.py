@@ -181,3 +181,58 @@ def test_nothing_a_client_or_the_cache_supplies_is_unpickled_or_evaluated(
     finally:
         audit.armed = False
     assert audit.seen == [], f"code execution or unpickling on the request path: {audit.seen}"
+
+
+def test_errors_raised_in_a_replica_answer_with_their_own_text_not_a_traceback():
+    from ray.exceptions import RayTaskError
+
+    from serve_app.errors import ModelError, RegistryUnavailable, http_error
+
+    for exc, status in ((RegistryUnavailable("model registry unreachable"), 503),
+                        (ModelError("model 'm' has no version 9"), 404)):
+        try:
+            raise exc
+        except Exception as e:  # how a replica's error reaches the Ingress
+            wrapped = RayTaskError("get_pinned", 'Traceback\n  File "/srv/x.py"\n', e,
+                                   pid=4242, ip="10.0.0.7").as_instanceof_cause()
+        assert isinstance(wrapped, type(exc))
+        got, body, _ = http_error(wrapped)
+        assert (got, body["error"]["message"]) == (status, str(exc))
+
+
+def test_open_model_info_has_no_pid_and_no_local_paths():
+    from serve_app.lifecycle import public_info
+
+    info = {"pid": 4242, "model": {"version": "3"}, "last_refusal": {
+        "version": "4", "at": 1.0,
+        "reason": "/home/svc/.rfloc/model-cache/m/4/model.onnx: not a loadable ONNX model: "
+                  "file:///srv/artifacts/x (source /srv/y)"}}
+    out = public_info(info)
+    assert "pid" not in out and out["model"] == {"version": "3"}
+    assert "/" not in out["last_refusal"]["reason"].replace("<path>", "")
+    assert out["last_refusal"]["reason"].startswith("<path>: not a loadable ONNX model")
+    assert info["pid"] == 4242  # the admin view keeps it
+
+
+def test_docs_page_is_off_by_default_and_under_a_csp_when_on(monkeypatch):
+    from serve_app.settings import AppArgs
+
+    ingress = _ingress(monkeypatch, TOKEN)
+    for on in (False, True):
+        ingress._args = AppArgs(docs_ui=on)
+        page = asyncio.run(ingress.docs())
+        if not on:
+            assert page.status_code == 404
+            assert "/openapi.json" in orjson.loads(page.body)["error"]["message"]
+            continue
+        assert page.status_code == 200 and b"swagger-ui" in page.body
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+
+
+def test_is_admin_accepts_only_the_bearer_token(monkeypatch):
+    ingress = _ingress(monkeypatch, TOKEN)
+    assert ingress._is_admin(f"Bearer {TOKEN}") and ingress._is_admin(f"bearer {TOKEN}")
+    for auth in (None, "", "Bearer ", f"Basic {TOKEN}", f"Bearer {TOKEN}x", TOKEN):
+        assert not ingress._is_admin(auth), auth
+    assert not _ingress(monkeypatch, None)._is_admin(f"Bearer {TOKEN}")

@@ -174,3 +174,150 @@ def test_rest_front_door_keeps_the_api_answers(network, chain, samples):
     chain.fail = Unavailable("overloaded: queue full")
     busy = asyncio.run(rest.predict(service, network, orjson.dumps(samples[0])))
     assert busy.status == 503 and busy.headers == {"Retry-After": "1"}
+
+
+REDIS_URL = "redis://127.0.0.1:6379/7"  # a DB of its own: the shared Redis keeps DB 0
+
+
+@pytest.fixture
+def redis_db():
+    """A client to DB 7 of the shared Redis; keys written by the test are deleted after."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    keys: list[str] = []
+    yield client, keys
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def test_forged_entry_claiming_another_model_is_a_miss_on_real_redis(network, chain, samples,
+                                                                     redis_db):
+    from serve_app.cache import RedisCache, cache_key
+
+    client, keys = redis_db
+    cache = RedisCache(REDIS_URL, ttl_s=60, timeout_ms=500)
+    service = LocalizationService(chain, len(network), cache=cache, identity=lambda: ALIAS,
+                                  batching=None)
+    [item] = _captures(samples[:1], network)
+    key = cache_key(f"{ALIAS.version}:{ALIAS.sha256}", item.decoded.canonical,
+                    item.confidence_level)
+    keys.append(key)
+    [want] = asyncio.run(service.localize([item]))  # the honest answer, now cached
+    honest = orjson.loads(client.get(key))
+    assert honest["model"]["version"] == "3" and chain.calls == [(1, None)]
+    # A well-formed entry under the same key that claims another model, at another place.
+    forged = {"result": {**honest["result"], "position": {"latitude": 0.0, "longitude": 0.0}},
+              "model": {**honest["model"], "version": "2"}}
+    client.set(key, orjson.dumps(forged))
+
+    async def read():
+        try:
+            return await service.localize([item])
+        finally:
+            await cache.close()
+
+    [got] = asyncio.run(read())
+    assert got.ok and got.result["cache_hit"] is False
+    assert got.result["position"] == want.result["position"] != forged["result"]["position"]
+    assert chain.calls == [(1, None), (1, None)]  # the forged entry sent it down the chain
+    assert cache.stats["invalid"] == 1
+    assert orjson.loads(client.get(key))["model"]["version"] == "3"  # replaced by the answer
+
+
+def _rules(versions=("3",), aliases=(), named=None):
+    from serve_app.service import PinRules
+
+    rules = PinRules(frozenset(versions), frozenset(aliases),
+                     named if named is not None else {"production": "3", "staging": "2"})
+    return lambda: rules
+
+
+@pytest.mark.parametrize(("value", "admin", "want"), [
+    (None, False, None), ("", False, None),
+    ("3", False, "3"), ("03", False, "3"), ("0003", False, "3"),  # one multiplexed id
+    ("2", True, "2"), ("0002", True, "2"), ("staging", True, "2"),
+])
+def test_pin_normalises_open_and_admin_pins(network, chain, value, admin, want):
+    service = LocalizationService(chain, len(network), pin_rules=_rules())
+    assert service.pin(value, "model_version", admin) == want
+
+
+@pytest.mark.parametrize(("value", "admin", "status"), [
+    ("2", False, 403), ("0002", False, 403), ("staging", False, 403), ("999", False, 403),
+    ("0", True, 422), ("1" * 17, True, 422), ("-1", True, 422), ("1.0", True, 422),
+    ("٣", True, 422), ("a b", True, 422), ("x" * 65, True, 422), ("canary", True, 422),
+])
+def test_pin_refusals_name_the_field(network, chain, value, admin, status):
+    service = LocalizationService(chain, len(network), pin_rules=_rules())
+    with pytest.raises(InvalidInput) as exc:
+        service.pin(value, "serve_multiplexed_model_id", admin)
+    assert exc.value.field == "serve_multiplexed_model_id"
+    assert exc.value.status_code == status
+
+
+def test_open_alias_resolves_to_its_version(network, chain):
+    service = LocalizationService(chain, len(network),
+                                  pin_rules=_rules(versions=(), aliases=("staging",)))
+    assert service.pin("staging", "model_version") == "2"
+    assert service.pin("02", "model_version") == "2"  # what the open alias names now
+    with pytest.raises(InvalidInput) as exc:
+        service.pin("3", "model_version")  # the serving alias is not open here
+    assert exc.value.status_code == 403
+
+
+def test_one_pinned_version_per_batch_and_normalised_ids_down_the_chain(network, chain,
+                                                                       samples):
+    service = LocalizationService(chain, len(network), pin_rules=_rules(versions=("3", "2")))
+    same = [*_captures(samples[:2], network, model_version="03"),
+            *_captures(samples[2:4], network, model_version="3"),
+            *_captures(samples[4:5], network)]
+    out = asyncio.run(service.localize(same, batch=True))
+    assert all(o.ok for o in out)
+    assert sorted(chain.calls, key=str) == sorted([(4, "3"), (1, None)], key=str)
+    two = [*_captures(samples[:1], network, model_version="3"),
+           *_captures(samples[1:2], network, model_version="2")]
+    n = len(chain.calls)
+    with pytest.raises(InvalidInput) as exc:
+        asyncio.run(service.localize(two, batch=True))
+    assert exc.value.field == "captures[1].model_version" and exc.value.status_code == 422
+    assert len(chain.calls) == n  # refused before any work
+
+
+def test_rest_pins_refused_before_work(network, chain, samples):
+    service = LocalizationService(chain, len(network), pin_rules=_rules())
+    body = orjson.dumps({**samples[0], "model_version": "2"})
+    a = asyncio.run(rest.predict(service, network, body))
+    assert a.status == 403 and orjson.loads(a.body)["error"]["field"] == "model_version"
+    a = asyncio.run(rest.predict(service, network, orjson.dumps(samples[0]), "staging"))
+    assert a.status == 403
+    assert orjson.loads(a.body)["error"]["field"] == "serve_multiplexed_model_id"
+    assert chain.calls == []
+    a = asyncio.run(rest.predict(service, network, body, admin=True))
+    assert a.status == 200 and orjson.loads(a.body)["model"]["version"] == "2"
+    batch = orjson.dumps({"captures": [{**s, "model_version": "0003"} for s in samples[:64]]})
+    a = asyncio.run(rest.predict_batch(service, network, batch))
+    assert a.status == 200 and chain.calls[-1] == (len(samples), "3")
+
+
+def test_bytes_in_flight_bound_refuses_with_503_and_gives_back():
+    from serve_app.service import BytesInFlight
+
+    bound = BytesInFlight(100)
+    with bound.hold() as a:
+        a.add(60)
+        with bound.hold() as b:
+            with pytest.raises(Unavailable, match="in flight"):
+                b.add(41)
+            b.add(40)
+            assert bound.held == 100
+        assert bound.held == 60
+    assert bound.held == 0
+    with pytest.raises(Unavailable), bound.hold() as c:
+        c.add(101)
+    assert bound.held == 0

@@ -380,7 +380,8 @@ def error_answer(exc: BaseException) -> Answer:
 
 
 async def infer(service: LocalizationService, network: ReceiverNetwork, req: InferRequest,
-                model_name: str, version: str | None) -> tuple[list[Tensor], str]:
+                model_name: str, version: str | None, *,
+                admin: bool = False) -> tuple[list[Tensor], str]:
     """Run a decoded request: its output tensors and the version that answered.
 
     One capture's error fails the request (the protocol has no per-item errors); it is
@@ -391,7 +392,8 @@ async def infer(service: LocalizationService, network: ReceiverNetwork, req: Inf
     if "IQ" in t and len(t["IQ"].shape) == 4:
         service.admit(t["IQ"].shape[0], "IQ")
     captures, batched = to_captures(req, network)
-    outcomes = await service.localize(captures, version)
+    outcomes = await service.localize(captures, version, pinned_field="model_version",
+                                      admin=admin)
     for b, o in enumerate(outcomes):
         if o.error is not None:
             err = o.error
@@ -470,7 +472,8 @@ def grpc_status(exc: BaseException) -> tuple[Any, str]:
     status, body, _ = http_error(exc)
     err = body["error"]
     details = f"{err['field']}: {err['message']}" if err["field"] else err["message"]
-    code = {404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    code = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
+            404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
             503: grpc.StatusCode.UNAVAILABLE}.get(status)
     if code is None:
         code = grpc.StatusCode.INVALID_ARGUMENT if status < 500 else grpc.StatusCode.INTERNAL

@@ -17,6 +17,9 @@ from serve_app.receivers import ReceiverNetwork
 from serve_app.schemas import CaptureRequest
 from serve_app.service import Capture, LocalizationService
 
+# The header Serve's model multiplexing reads; a request-wide pin of the JSON API.
+PIN_HEADER = "serve_multiplexed_model_id"
+
 
 def error_answer(exc: BaseException) -> Answer:
     """A domain error as the API's `{"error": {"field", "message", "status"}}` answer."""
@@ -50,12 +53,15 @@ def to_captures(reqs: list[CaptureRequest | InvalidInput], network: ReceiverNetw
 
 
 async def predict(service: LocalizationService, network: ReceiverNetwork, body: bytes,
-                  pinned: str | None = None) -> Answer:
-    """POST /predict: one capture; `pinned` is the serve_multiplexed_model_id header."""
+                  pinned: str | None = None, admin: bool = False) -> Answer:
+    """POST /predict: one capture; `pinned` is the serve_multiplexed_model_id header.
+
+    `admin`: the request bears the admin token (it may pin any version).
+    """
     try:
         req = await off_loop_if_large(decode_raw_body, body)
         [outcome] = await service.localize(to_captures([req], network, prefix=False),
-                                           pinned or req.model_version)
+                                           pinned, pinned_field=PIN_HEADER, admin=admin)
     except DOMAIN_ERRORS as exc:
         return error_answer(exc)
     if outcome.error is not None:
@@ -64,13 +70,14 @@ async def predict(service: LocalizationService, network: ReceiverNetwork, body: 
 
 
 async def predict_batch(service: LocalizationService, network: ReceiverNetwork, body: bytes,
-                        pinned: str | None = None) -> Answer:
+                        pinned: str | None = None, admin: bool = False) -> Answer:
     """POST /predict/batch: several captures; a bad one gets its own error entry."""
     try:
         reqs = await off_loop_if_large(decode_raw_batch, body)
         service.admit(len(reqs))
         items = to_captures(reqs, network, prefix=True)
-        outcomes = await service.localize(items, pinned)
+        outcomes = await service.localize(items, pinned, pinned_field=PIN_HEADER, admin=admin,
+                                          batch=True)
     except DOMAIN_ERRORS as exc:
         return error_answer(exc)
     results = []
