@@ -207,10 +207,10 @@ class LocalizationService:
         if not admin and value not in rules.open_aliases:
             raise InvalidInput(field, f"alias {value!r} is not open to pinning; it needs the "
                                       "admin token", 403)
-        version = rules.aliases.get(value)
-        if version is None:
+        named = rules.aliases.get(value)
+        if named is None:
             raise InvalidInput(field, f"the model has no alias {value!r}")
-        return version
+        return named
 
     def admit_pins(self, items: Sequence[Capture | InvalidInput], pinned: str | None,
                    pinned_field: str, admin: bool, batch: bool
