@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "configs" / "serve_config.yaml"
 ADMIN_TOKEN = "test-admin-token-0123456789"
 REDIS_TEST_URL = "redis://127.0.0.1:6379/3"
+SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"  # unit tests: their own key prefixes
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -102,6 +103,23 @@ def app_grpc(app_url) -> str:
     config = ray.get(_get_global_client()._controller.get_grpc_config.remote())
     assert config.grpc_servicer_functions, "Serve started without the shipped grpc_options"
     return f"127.0.0.1:{config.port}"
+
+
+@pytest.fixture
+def shared_redis():
+    """A client to the machine's Redis (SHARED_REDIS_URL) and a list of keys to delete after."""
+    import redis
+
+    client = redis.Redis.from_url(SHARED_REDIS_URL, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {SHARED_REDIS_URL}: {exc}")
+    keys: list[str] = []
+    yield client, keys
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 @pytest.fixture(scope="session")

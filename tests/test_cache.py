@@ -29,8 +29,8 @@ from serve_app.cache import (
     cache_key,
     make_cache,
 )
+from tests.conftest import SHARED_REDIS_URL
 
-SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 TIMEOUT_MS = 50.0
 # Scheduling slack on a small, busy CI machine; a stalled call would take seconds.
@@ -63,21 +63,6 @@ VALUE = prediction_entry()
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def shared_redis() -> Iterator[tuple[redis.Redis, list[str]]]:
-    """A plain client to the shared Redis and a list of keys to delete afterwards."""
-    client = redis.Redis.from_url(SHARED_REDIS_URL, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {SHARED_REDIS_URL}: {exc}")
-    keys: list[str] = []
-    yield client, keys
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from serve_app.samples import make_samples
 from serve_app.schemas import ModelRef
 from serve_app.service import Batching, Capture, LocalizationService
 from serve_app.settings import DEFAULT_MODEL_DIR
+from tests.conftest import SHARED_REDIS_URL
 
 ALIAS = ModelRef(name="localization_model", version="3", alias="production", sha256="ab" * 32)
 
@@ -176,32 +177,12 @@ def test_rest_front_door_keeps_the_api_answers(network, chain, samples):
     assert busy.status == 503 and busy.headers == {"Retry-After": "1"}
 
 
-REDIS_URL = "redis://127.0.0.1:6379/7"  # a DB of its own: the shared Redis keeps DB 0
-
-
-@pytest.fixture
-def redis_db():
-    """A client to DB 7 of the shared Redis; keys written by the test are deleted after."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
-    keys: list[str] = []
-    yield client, keys
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
 def test_forged_entry_claiming_another_model_is_a_miss_on_real_redis(network, chain, samples,
-                                                                     redis_db):
+                                                                     shared_redis):
     from serve_app.cache import RedisCache, cache_key
 
-    client, keys = redis_db
-    cache = RedisCache(REDIS_URL, ttl_s=60, timeout_ms=500)
+    client, keys = shared_redis
+    cache = RedisCache(SHARED_REDIS_URL, ttl_s=60, timeout_ms=500)
     service = LocalizationService(chain, len(network), cache=cache, identity=lambda: ALIAS,
                                   batching=None)
     [item] = _captures(samples[:1], network)
