@@ -128,29 +128,20 @@ def _bad_requests(iq, ids):
     ]
 
 
-def test_bad_tensors_http(http_client, samples, network):
+@pytest.mark.parametrize("proto, statuses", [
+    ("http", ("400", "422")), ("grpc", ("StatusCode.INVALID_ARGUMENT",))])
+def test_bad_tensors(proto, statuses, request, samples, network):
+    client = request.getfixturevalue(f"{proto}_client")
+    module = httpclient if proto == "http" else grpcclient
     iq, ids = oip_tensors(samples, network, [0])
     for name, x, dtype, rx, tensor in _bad_requests(iq[0], ids[0]):
-        inputs = [httpclient.InferInput("IQ", list(x.shape), dtype),
-                  httpclient.InferInput("RECEIVER_IDS", list(rx.shape), "BYTES")]
+        inputs = [module.InferInput("IQ", list(x.shape), dtype),
+                  module.InferInput("RECEIVER_IDS", list(rx.shape), "BYTES")]
         inputs[0].set_data_from_numpy(x)
         inputs[1].set_data_from_numpy(rx)
         with pytest.raises(InferenceServerException) as exc:
-            http_client.infer(NAME, inputs)
-        assert exc.value.status() in ("400", "422"), name
-        assert exc.value.message().startswith(f"{tensor}:"), (name, exc.value.message())
-
-
-def test_bad_tensors_grpc(grpc_client, samples, network):
-    iq, ids = oip_tensors(samples, network, [0])
-    for name, x, dtype, rx, tensor in _bad_requests(iq[0], ids[0]):
-        inputs = [grpcclient.InferInput("IQ", list(x.shape), dtype),
-                  grpcclient.InferInput("RECEIVER_IDS", list(rx.shape), "BYTES")]
-        inputs[0].set_data_from_numpy(x)
-        inputs[1].set_data_from_numpy(rx)
-        with pytest.raises(InferenceServerException) as exc:
-            grpc_client.infer(NAME, inputs)
-        assert exc.value.status() == "StatusCode.INVALID_ARGUMENT", name
+            client.infer(NAME, inputs)
+        assert exc.value.status() in statuses, name
         assert exc.value.message().startswith(f"{tensor}:"), (name, exc.value.message())
 
 
