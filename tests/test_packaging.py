@@ -31,7 +31,7 @@ RUNTIME_FILES = [
     "configs/serve_config.yaml", "configs/receivers.yaml",
     "models/localization_model.onnx", "models/model_card.json", "models/golden_features.npy",
     "serve_app/static/map.html", "serve_app/static/map.js", "serve_app/static/map.css",
-    "serve_app/app.py", "deployments/ingress.py", "deployments/map_page.py",
+    "deployments/app.py", "deployments/ingress.py", "deployments/map_page.py",
 ]
 
 
