@@ -452,14 +452,16 @@ def run_batch(
         started = True
     try:
         cpus = ray.cluster_resources().get("CPU", 1)
+        # What other work on a shared cluster (a Serve application, say) leaves free now.
+        free = ray.available_resources().get("CPU", 0)
         if max_actors is None:
             max_actors = max(1, int(cpus // num_cpus))
         min_actors = min(min_actors, max_actors)
-        if min_actors * num_cpus > cpus - 1:
+        if min_actors * num_cpus > free - 1:
             # Ray Data lists the input files in a 1-CPU task while the first actors start.
             raise BatchError(f"{min_actors} actor(s) of {num_cpus:g} CPU would leave no CPU of "
-                             f"the cluster's {cpus:g} for listing the input; lower --num-cpus "
-                             "or --min-actors")
+                             f"the {free:g} free (of the cluster's {cpus:g}) for listing the "
+                             "input; lower --num-cpus or --min-actors")
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = progress
         stats_actor: Any = ray.remote(num_cpus=0)(JobStats)

@@ -46,7 +46,7 @@ def sample_requests():
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """One local Ray cluster for the session (2 CPUs, loopback only)."""
+    """One local Ray cluster for the session (3 logical CPUs, loopback only)."""
     import ray
 
     state = tmp_path_factory.mktemp("rfloc-state")
@@ -58,7 +58,9 @@ def ray_cluster(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # inherited by the raylet and so by every replica
     metrics_export_port = free_port()  # Prometheus scrapes the node's metrics here
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve",
+    # 3 logical CPUs on the 2 cores: the shipped app holds 1.1 of them, and a batch job
+    # beside it needs 1 free for Ray Data's file listing plus its actors.
+    ray.init(address="local", num_cpus=3, include_dashboard=False, namespace="serve",
              logging_level="warning", log_to_driver=False,
              _metrics_export_port=metrics_export_port)
     try:
