@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pybase64
 import pydantic_core
 from pydantic import ValidationError
 
@@ -36,11 +37,6 @@ from serve_app.schemas import (
     CaptureRequest,
     ReceiverCapture,
 )
-
-try:
-    import pybase64 as _b64
-except ImportError:  # pragma: no cover - pybase64 is a dependency; stdlib is the fallback
-    import base64 as _b64  # type: ignore[no-redef]
 
 CENTER_FREQ_TOLERANCE_HZ = 1e6
 # Forms of `encode_capture` that send iq_b64 with that dtype.
@@ -314,7 +310,7 @@ def _decode_b64(text: str, dtype: str, n_samples: int, field: str) -> np.ndarray
             field, f"wrong sample count: {len(text)} base64 characters, far more than "
             f"{n_samples} {dtype} samples take ({_b64_chars(n_samples * itemsize)})")
     try:
-        raw = _b64.b64decode(text, validate=True)
+        raw = pybase64.b64decode(text, validate=True)
     except (ValueError, TypeError) as exc:
         raise InvalidInput(field, f"not valid base64: {exc}") from None
     if not raw:
@@ -438,7 +434,7 @@ def iq_to_b64(row: np.ndarray, dtype: str = "complex64") -> str:
 
     Integer types round to the nearest code and clip at full scale (|I|, |Q| < 1).
     """
-    return _b64.b64encode(sample_type(dtype).from_complex64(row)).decode("ascii")
+    return pybase64.b64encode(sample_type(dtype).from_complex64(row)).decode("ascii")
 
 
 def encode_capture(

@@ -103,8 +103,8 @@ def test_a_long_iq_b64_is_refused_before_it_is_decoded(network, sample_requests,
                                                        monkeypatch):
     good = sample_requests["b64"][0]
     decoded = []
-    real = serve_app.decode._b64.b64decode
-    monkeypatch.setattr(serve_app.decode._b64, "b64decode",
+    real = serve_app.decode.pybase64.b64decode
+    monkeypatch.setattr(serve_app.decode.pybase64, "b64decode",
                         lambda text, **kw: decoded.append(len(text)) or real(text, **kw))
     for chars in (MAX_IQ_B64_CHARS + 4, 45 * 1000 * 1000):
         rx = [{**good["receivers"][0], "iq_b64": "A" * chars}, *good["receivers"][1:]]
