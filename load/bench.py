@@ -40,7 +40,7 @@ import orjson
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from faults import free_port  # noqa: E402
+from harness.faults import free_port  # noqa: E402
 from httpload import LoadResult, closed_loop, open_loop, run  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
-"""Every fault scenario and input class of load/faults.py and load/hostile.py, once, on local
-Ray clusters of its own; writes the generated part of docs/reliability.md.
+"""Every fault scenario and input class of load/harness/faults.py and load/harness/hostile.py,
+once, on local Ray clusters of its own; writes the generated part of docs/reliability.md.
 
     python load/reliability.py                    # everything (10-20 min on 2 cores)
     python load/reliability.py --skip-multinode   # without the two-node cluster
@@ -12,7 +12,7 @@ Three phases, one after another, each in a fresh process with its own Ray instan
   haproxy    the same cluster with the environment `rfloc serve` sets (HAProxy, throughput-
              optimized Serve): a replica kill and the overload; skipped if HAProxy's fixed
              ports (8404, 9101) are taken by another cluster on the machine;
-  multinode  the two-node cluster of tests/multinode.py (root, iproute2): its worker node
+  multinode  the two-node cluster of load/harness/multinode.py (root, iproute2): its worker node
              stopped under load.
 Traffic goes to 127.0.0.1 and the netns test host only. Only the block between the GENERATED
 markers of the doc is rewritten.
@@ -74,7 +74,7 @@ def _start_cluster(state: Path, token: str) -> tuple[str, dict]:
     import ray
     import yaml
 
-    from load import faults
+    from load.harness import faults
 
     os.environ.update(RFLOC_STATE_DIR=str(state), RFLOC_ADMIN_TOKEN=token)
     for k in ("REDIS_URL", "RFLOC_REDIS_URL", "MLFLOW_TRACKING_URI",
@@ -104,10 +104,9 @@ def phase_proxy(args: argparse.Namespace, errors: list[str]) -> dict:
     """Every fault and input class behind Serve's default proxy (as in the tests)."""
     import httpx
 
-    from load import faults, hostile
+    from load.harness import faults, hostile
     from serve_app.registry import ModelRegistry, embedded_uris
     from serve_app.samples import make_samples
-    from tests.test_app_ray import _bad_inputs
 
     state = Path(tempfile.mkdtemp(prefix="rfloc-reliability-"))
     token = secrets.token_hex(16)
@@ -134,7 +133,7 @@ def phase_proxy(args: argparse.Namespace, errors: list[str]) -> dict:
         # Hostile input, with steady good traffic beside it.
         good = make_samples(1, seed=13).requests[0]
         bad = [(f"bad input: {name}", "/predict", body, {status}, field)
-               for name, body, status, field in _bad_inputs(good)]
+               for name, body, status, field in hostile.bad_inputs(good)]
         limit = int(cfg["applications"][0]["args"].get("max_body_bytes", 64 * 2**20))
         background = faults.SteadyLoad(url, bodies, clients=2, rate_rps=5.0)
         with background:
@@ -170,7 +169,7 @@ def _port_taken(port: int) -> bool:
 
 def phase_haproxy(args: argparse.Namespace, errors: list[str]) -> dict:
     """A replica kill and the overload with `rfloc serve`'s environment (HAProxy)."""
-    from load import faults
+    from load.harness import faults
 
     taken = [p for p in HAPROXY_PORTS if _port_taken(p)]
     if taken:
@@ -197,12 +196,12 @@ def phase_haproxy(args: argparse.Namespace, errors: list[str]) -> dict:
 
 
 def phase_multinode(args: argparse.Namespace, errors: list[str]) -> dict:
-    """The worker node of a two-node cluster stopped under load (tests/multinode.py)."""
+    """The worker node of a two-node cluster stopped under load (load/harness/multinode.py)."""
     import httpx
     import yaml
 
-    from load import faults
-    from tests.multinode import TwoNodeCluster
+    from load.harness import faults
+    from load.harness.multinode import TwoNodeCluster
 
     if shutil.which("ip") is None:
         return {"skipped": "needs iproute2 (ip netns)"}

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from load.faults import deploy as deploy_config  # a config dict, as `serve deploy` does
-from load.faults import free_port, wait_http  # noqa: F401 - shared with the tests
+from load.harness.faults import deploy as deploy_config  # a config dict, as `serve deploy` does
+from load.harness.faults import free_port, wait_http  # noqa: F401 - shared with the tests
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "configs" / "serve_config.yaml"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import copy
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from load.harness import hostile
 from tests.conftest import deploy_config, shipped_config
 
 pytestmark = pytest.mark.ray
@@ -46,44 +45,9 @@ def test_same_capture_same_answer_across_encodings(app_url, sample_requests):
     assert a["position"] == pytest.approx(b["position"], abs=1e-9)
 
 
-def _bad_inputs(good: dict) -> list[tuple[str, dict | bytes, int, str]]:
-    """(name, body, status, field substring) for the bad-input classes of the API."""
-    r0 = good["receivers"]
-
-    def with_rx(i: int, **kw) -> dict:
-        b = copy.deepcopy(good)
-        b["receivers"][i] = {"id": r0[i]["id"], **kw}
-        return b
-
-    nan_iq = np.zeros(4800, np.complex64)
-    nan_iq[7] = np.nan
-    nan_b64 = base64.b64encode(nan_iq.tobytes()).decode()
-    return [
-        ("unknown receiver", {**good, "receivers": [{**r0[0], "id": "atlantis"}, *r0[1:]]},
-         422, "receivers[0].id"),
-        ("fewer than 3", {**good, "receivers": r0[:2]}, 422, "receivers"),
-        ("duplicate receiver", {**good, "receivers": [r0[0], r0[0], *r0[2:]]},
-         422, "receivers[1].id"),
-        ("bad base64", with_rx(0, iq_b64="!!not base64!!"), 422, "receivers[0].iq_b64"),
-        ("odd byte length", with_rx(1, iq_b64=base64.b64encode(b"\x00" * 12).decode()),
-         422, "receivers[1].iq_b64"),
-        ("odd IQ pairs", with_rx(2, iq=[[0.1, 0.2, 0.3]] * 4800), 422, "receivers[2].iq"),
-        ("NaN", with_rx(0, iq_b64=nan_b64), 422, "receivers[0].iq_b64"),
-        ("Inf", with_rx(0, iq=[[1e39, 0.0]] * 4800), 422, "receivers[0].iq"),
-        ("empty IQ", with_rx(0, iq=[]), 422, "receivers[0].iq"),
-        ("wrong sample count", with_rx(0, iq=[[0.0, 0.0]] * 100), 422, "receivers[0].iq"),
-        ("wrong sample rate", {**good, "sample_rate_hz": 96000}, 422, "sample_rate_hz"),
-        ("confidence 0", {**good, "confidence_level": 0.0}, 422, "confidence_level"),
-        ("confidence 1.5", {**good, "confidence_level": 1.5}, 422, "confidence_level"),
-        ("wrong types", {**good, "receivers": "torino"}, 422, "receivers"),
-        ("unknown field", {**good, "colour": "blue"}, 422, "colour"),
-        ("malformed JSON", b'{"receivers": [', 400, "body"),
-    ]
-
-
 def test_bad_inputs_get_4xx_naming_the_field(app_url, sample_requests):
     good = sample_requests["b64"][2]
-    cases = _bad_inputs(good)
+    cases = hostile.bad_inputs(good)
     assert len(cases) >= 12
     for name, body, status, field in cases:
         if isinstance(body, bytes):
@@ -134,7 +98,7 @@ def test_replicas_run_with_the_configs_malloc_tuning(app_url):
     """The app's runtime_env reaches every replica (docs/performance.md: malloc)."""
     import ray
 
-    from load import faults
+    from load.harness import faults
 
     app = shipped_config(int(app_url.rsplit(":", 1)[1]))["applications"][0]
     want = app["runtime_env"]["env_vars"]["GLIBC_TUNABLES"]

@@ -1,4 +1,4 @@
-"""Faults under steady load on the session's cluster (the scenarios of load/faults.py).
+"""Faults under steady load on the session's cluster (the scenarios of load/harness/faults.py).
 
 Replica kills, Redis lost and back, a reload, the registry gone: no request may fail.
 Overload: 503 with Retry-After, bounded memory, and service again as soon as load drops.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from load import faults
+from load.harness import faults
 from serve_app.registry import ModelRegistry, embedded_uris
 from tests.conftest import ADMIN_TOKEN, shipped_config
 

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from load import hostile
+from load.harness import hostile
 from serve_app.schemas import MAX_CAPTURE_BODY_BYTES
 from tests.conftest import shipped_config
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from load.harness.multinode import _children
 from serve_app.listeners import DEFAULT_METRICS_PORT, DEFAULT_STATS_PORT
 from tests.conftest import wait_http
-from tests.multinode import _children
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

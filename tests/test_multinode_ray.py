@@ -13,8 +13,8 @@ import httpx
 import pytest
 import yaml
 
+from load.harness.multinode import TwoNodeCluster
 from tests.conftest import ADMIN_TOKEN, free_port, shipped_config, wait_http
-from tests.multinode import TwoNodeCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2")]

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import yaml
 
+from load.harness.multinode import _children
 from tests.conftest import free_port, shipped_config, wait_http
-from tests.multinode import _children
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

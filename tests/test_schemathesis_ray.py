@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from load import hostile
+from load.harness import hostile
 
 
 def test_openapi_schema_references_resolve():

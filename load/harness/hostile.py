@@ -1,12 +1,14 @@
-"""Hostile and malformed input against a running service: size limits, bad-input classes,
-schemathesis. Shared by tests/test_limits_ray.py, tests/test_schemathesis_ray.py and
-load/reliability.py; no pytest here. Traffic goes to loopback only.
+"""Hostile and malformed input against a running service: size limits, the bad-input
+table, schemathesis. Shared by tests/test_app_ray.py, tests/test_limits_ray.py,
+tests/test_schemathesis_ray.py and load/reliability.py; no pytest here. Traffic goes to
+loopback only.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import socket
 import statistics
 import threading
@@ -18,11 +20,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import orjson
 
-from load.faults import check_target
 from serve_app.constants import N_SAMPLES
 from serve_app.schemas import MAX_BATCH_CAPTURES, MAX_RECEIVERS
+
+from .faults import check_target
 
 # -- raw HTTP: bodies the client does not (fully) send -----------------------------------------
 
@@ -184,6 +188,41 @@ def oversize_bodies(good: dict) -> list[tuple[str, str, bytes, set[int], str]]:
     ]
 
 
+def bad_inputs(good: dict) -> list[tuple[str, dict | bytes, int, str]]:
+    """(name, body, status, field substring) for the bad-input classes of the API."""
+    r0 = good["receivers"]
+
+    def with_rx(i: int, **kw) -> dict:
+        b = copy.deepcopy(good)
+        b["receivers"][i] = {"id": r0[i]["id"], **kw}
+        return b
+
+    nan_iq = np.zeros(4800, np.complex64)
+    nan_iq[7] = np.nan
+    nan_b64 = base64.b64encode(nan_iq.tobytes()).decode()
+    return [
+        ("unknown receiver", {**good, "receivers": [{**r0[0], "id": "atlantis"}, *r0[1:]]},
+         422, "receivers[0].id"),
+        ("fewer than 3", {**good, "receivers": r0[:2]}, 422, "receivers"),
+        ("duplicate receiver", {**good, "receivers": [r0[0], r0[0], *r0[2:]]},
+         422, "receivers[1].id"),
+        ("bad base64", with_rx(0, iq_b64="!!not base64!!"), 422, "receivers[0].iq_b64"),
+        ("odd byte length", with_rx(1, iq_b64=base64.b64encode(b"\x00" * 12).decode()),
+         422, "receivers[1].iq_b64"),
+        ("odd IQ pairs", with_rx(2, iq=[[0.1, 0.2, 0.3]] * 4800), 422, "receivers[2].iq"),
+        ("NaN", with_rx(0, iq_b64=nan_b64), 422, "receivers[0].iq_b64"),
+        ("Inf", with_rx(0, iq=[[1e39, 0.0]] * 4800), 422, "receivers[0].iq"),
+        ("empty IQ", with_rx(0, iq=[]), 422, "receivers[0].iq"),
+        ("wrong sample count", with_rx(0, iq=[[0.0, 0.0]] * 100), 422, "receivers[0].iq"),
+        ("wrong sample rate", {**good, "sample_rate_hz": 96000}, 422, "sample_rate_hz"),
+        ("confidence 0", {**good, "confidence_level": 0.0}, 422, "confidence_level"),
+        ("confidence 1.5", {**good, "confidence_level": 1.5}, 422, "confidence_level"),
+        ("wrong types", {**good, "receivers": "torino"}, 422, "receivers"),
+        ("unknown field", {**good, "colour": "blue"}, 422, "colour"),
+        ("malformed JSON", b'{"receivers": [', 400, "body"),
+    ]
+
+
 @dataclass
 class InputClass:
     """Outcome of one class of input: how many were sent and how they were answered."""
@@ -257,7 +296,7 @@ def concurrent_uploads(url: str, body: bytes, clients: int, pid: int,
                        path: str = "/predict", settle_s: float = 5.0) -> dict:
     """`clients` POSTs of `body` at once; statuses and the RSS (MiB) of process `pid`
     before, at its peak (sampled every 20 ms) and `settle_s` after the last answer."""
-    from load.faults import rss_mb
+    from .faults import rss_mb
 
     check_target(url)
     statuses: Counter = Counter()

@@ -5,7 +5,7 @@ killed, Redis killed and restarted, a model reload, the registry gone, overload)
 a `Row`: the fault, the load during it, requests sent, failed, the failure codes and the time
 to recover. No pytest here: the scenarios need a connected Ray driver (`ray.init`) on the
 cluster that runs the service, and send traffic to loopback (or the netns test hosts of
-tests/multinode.py) only.
+load/harness/multinode.py) only.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import orjson
 
 SERVE_NAMESPACE = "serve"
 REPLICA_PREFIX = "SERVE_REPLICA::"
-TEST_HOSTS = ipaddress.ip_network("10.213.0.0/16")  # tests/multinode.py's netns hosts
+TEST_HOSTS = ipaddress.ip_network("10.213.0.0/16")  # load/harness/multinode.py's netns hosts
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 # -- load ------------------------------------------------------------------------------------

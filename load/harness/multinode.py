@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port
+from .faults import free_port
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
