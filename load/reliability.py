@@ -21,10 +21,8 @@ markers of the doc is rewritten.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import secrets
 import shutil
 import socket
@@ -36,24 +34,12 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sysinfo import machine  # load/ is on sys.path: a sibling module
+
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "reliability.md"
 BEGIN = "<!-- BEGIN GENERATED: python load/reliability.py -->"
 END = "<!-- END GENERATED -->"
-
-
-def machine() -> dict:
-    """CPU model, cores, RAM, kernel, Python, Ray, load average."""
-    model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal:"))
-    return {"nproc": os.cpu_count(), "cpu": model, "ram_gib": round(mem_kb / 2**20, 1),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "ray": importlib.metadata.version("ray"), "loadavg": os.getloadavg()}
 
 
 def _step(name: str, fn, errors: list[str]):  # noqa: ANN001, ANN202 - any scenario
@@ -72,9 +58,8 @@ def _step(name: str, fn, errors: list[str]):  # noqa: ANN001, ANN202 - any scena
 def _start_cluster(state: Path, token: str) -> tuple[str, dict]:
     """ray.init on loopback, the shipped config deployed on a free port: (URL, config)."""
     import ray
-    import yaml
 
-    from load.harness import faults
+    from load.harness import deploy, free_port, shipped_config, wait_http
 
     os.environ.update(RFLOC_STATE_DIR=str(state), RFLOC_ADMIN_TOKEN=token)
     for k in ("REDIS_URL", "RFLOC_REDIS_URL", "MLFLOW_TRACKING_URI",
@@ -82,12 +67,10 @@ def _start_cluster(state: Path, token: str) -> tuple[str, dict]:
         os.environ.pop(k, None)
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve",
              logging_level="warning", log_to_driver=False)
-    cfg = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
-    cfg["http_options"]["port"] = faults.free_port()
-    cfg["grpc_options"]["port"] = faults.free_port()
-    faults.deploy(cfg)
+    cfg = shipped_config(free_port())
+    deploy(cfg)
     url = f"http://127.0.0.1:{cfg['http_options']['port']}"
-    faults.wait_http(url + "/health", timeout_s=300)
+    wait_http(url + "/health", timeout_s=300)
     return url, cfg
 
 
@@ -104,7 +87,7 @@ def phase_proxy(args: argparse.Namespace, errors: list[str]) -> dict:
     """Every fault and input class behind Serve's default proxy (as in the tests)."""
     import httpx
 
-    from load.harness import faults, hostile
+    from load.harness import faults, hostile, wait_http
     from serve_app.registry import ModelRegistry, embedded_uris
     from serve_app.samples import make_samples
 
@@ -128,7 +111,7 @@ def phase_proxy(args: argparse.Namespace, errors: list[str]) -> dict:
         for name, fn in steps:
             row = _step(name, fn, errors)
             out["faults"].append(None if row is None else row.as_dict())
-        faults.wait_http(url + "/health", timeout_s=120)
+        wait_http(url + "/health", timeout_s=120)
 
         # Hostile input, with steady good traffic beside it.
         good = make_samples(1, seed=13).requests[0]
@@ -200,8 +183,7 @@ def phase_multinode(args: argparse.Namespace, errors: list[str]) -> dict:
     import httpx
     import yaml
 
-    from load.harness import faults
-    from load.harness.multinode import TwoNodeCluster
+    from load.harness import TwoNodeCluster, faults, free_port, shipped_config, wait_http
 
     if shutil.which("ip") is None:
         return {"skipped": "needs iproute2 (ip netns)"}
@@ -210,15 +192,13 @@ def phase_multinode(args: argparse.Namespace, errors: list[str]) -> dict:
                                    "RFLOC_ADMIN_TOKEN": secrets.token_hex(16)})
     try:
         cluster.start()
-        cfg = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
-        cfg["http_options"]["port"] = faults.free_port()
-        cfg["grpc_options"]["port"] = faults.free_port()
+        cfg = shipped_config(free_port())
         (tmp / "serve_config.yaml").write_text(yaml.safe_dump(cfg))
         p = cluster.serve("deploy", str(tmp / "serve_config.yaml"))
         if p.returncode:
             raise RuntimeError(p.stderr[-2000:])
         url = f"http://127.0.0.1:{cfg['http_options']['port']}"
-        faults.wait_http(url + "/health", timeout_s=300)
+        wait_http(url + "/health", timeout_s=300)
         running: list[dict] = []
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # wait for replicas on both nodes

@@ -11,13 +11,11 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
-from load.harness.faults import deploy as deploy_config  # a config dict, as `serve deploy` does
-from load.harness.faults import free_port, wait_http  # noqa: F401 - shared with the tests
+from load.harness import deploy as deploy_config  # a config dict, as `serve deploy` does
+from load.harness import free_port, grpc_options, shipped_config, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED_CONFIG = REPO / "configs" / "serve_config.yaml"
 ADMIN_TOKEN = "test-admin-token-0123456789"
 REDIS_TEST_URL = "redis://127.0.0.1:6379/3"
 SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"  # unit tests: their own key prefixes
@@ -77,14 +75,6 @@ def ray_cluster(tmp_path_factory):
                 os.environ[k] = v
 
 
-def shipped_config(port: int, grpc_port: int | None = None) -> dict:
-    """The shipped serve config with its HTTP port moved, and its gRPC port (9000) too."""
-    cfg = yaml.safe_load(SHIPPED_CONFIG.read_text())
-    cfg["http_options"]["port"] = port
-    cfg["grpc_options"]["port"] = grpc_port or free_port()
-    return cfg
-
-
 @pytest.fixture(scope="session")
 def app_url(ray_cluster):
     """Base URL of the shipped config running on the session's cluster."""
@@ -99,10 +89,7 @@ def app_url(ray_cluster):
 @pytest.fixture(scope="session")
 def app_grpc(app_url) -> str:
     """host:port of the session's gRPC proxy (the first serve config's port: Serve keeps it)."""
-    import ray
-    from ray.serve.context import _get_global_client
-
-    config = ray.get(_get_global_client()._controller.get_grpc_config.remote())
+    config = grpc_options()
     assert config.grpc_servicer_functions, "Serve started without the shipped grpc_options"
     return f"127.0.0.1:{config.port}"
 

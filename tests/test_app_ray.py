@@ -98,16 +98,16 @@ def test_replicas_run_with_the_configs_malloc_tuning(app_url):
     """The app's runtime_env reaches every replica (docs/performance.md: malloc)."""
     import ray
 
-    from load.harness import faults
+    from load.harness import SERVE_NAMESPACE, replica_names
 
     app = shipped_config(int(app_url.rsplit(":", 1)[1]))["applications"][0]
     want = app["runtime_env"]["env_vars"]["GLIBC_TUNABLES"]
     assert "glibc.malloc.mmap_threshold=" in want
     for deployment in ("Ingress", "Preprocessor", "LocalizationModel", "Postprocessor"):
-        names = faults.replica_names("rfloc", deployment)
+        names = replica_names("rfloc", deployment)
         assert names, deployment
         for name in names:
-            actor = ray.get_actor(name, namespace=faults.SERVE_NAMESPACE)
+            actor = ray.get_actor(name, namespace=SERVE_NAMESPACE)
             seen = ray.get(actor.__ray_call__.remote(
                 lambda self: os.environ.get("GLIBC_TUNABLES")), timeout=30)
             assert seen == want, (deployment, seen)

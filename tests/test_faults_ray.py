@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from load.harness import faults
+from load.harness import deployment_ready, faults
 from serve_app.registry import ModelRegistry, embedded_uris
 from tests.conftest import ADMIN_TOKEN, shipped_config
 
@@ -38,7 +38,7 @@ def test_replica_killed_under_load(app_url, bodies, deployment):
     assert row.sent > 100
     assert row.failed == 0, row.codes
     assert row.recovery_s is not None, "Serve did not replace the replica"
-    assert faults.deployment_ready("rfloc", deployment)
+    assert deployment_ready("rfloc", deployment)
 
 
 def test_hung_replica_holds_no_request_past_the_chain_deadline(app_url, base_cfg):

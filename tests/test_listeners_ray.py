@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from load.harness.multinode import _children
+from load.harness import descendants
 from serve_app.listeners import DEFAULT_METRICS_PORT, DEFAULT_STATS_PORT
 from tests.conftest import wait_http
 
@@ -70,7 +70,7 @@ def refused(host: str, port: int) -> bool:
 
 def haproxy_config(root: int) -> Path:
     """The config file of a running HAProxy of the process tree (a reload replaces it)."""
-    for pid in sorted(_children({root})):
+    for pid in sorted(descendants({root})):
         with contextlib.suppress(OSError):
             if Path(f"/proc/{pid}/comm").read_text().strip() == "haproxy":
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -103,7 +103,7 @@ def test_rfloc_serve_listens_on_loopback_only(tmp_path):
     proc = subprocess.Popen([rfloc, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_http(f"http://127.0.0.1:{HTTP_PORT}/health", timeout_s=300)
-        tree = _children({proc.pid})
+        tree = descendants({proc.pid})
         socks = listeners(tree)
         names = {pid: name for _, _, name, pid in socks}
         exposed = [s for s in socks if s[0] not in LOOPBACK]
@@ -153,7 +153,7 @@ def test_rfloc_serve_listens_on_loopback_only(tmp_path):
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            for pid in _children({proc.pid}):
+            for pid in descendants({proc.pid}):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             raise

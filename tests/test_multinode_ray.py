@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from load.harness.multinode import TwoNodeCluster
+from load.harness import TwoNodeCluster
 from tests.conftest import ADMIN_TOKEN, free_port, shipped_config, wait_http
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from load.harness.multinode import _children
+from load.harness import descendants
 from tests.conftest import free_port, shipped_config, wait_http
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -38,7 +38,7 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
     try:
         wait_http(url + "/health", timeout_s=300)
     except BaseException:
-        _stop(proc, signal.SIGINT, _children({proc.pid}))
+        _stop(proc, signal.SIGINT, descendants({proc.pid}))
         raise
     return proc, url, env
 
@@ -51,7 +51,7 @@ def _stop(proc: subprocess.Popen, signum: int, seen: set[int]) -> tuple[float, s
         proc.wait(timeout=120)
     finally:
         took_s = time.monotonic() - t0
-        for pid in _children({proc.pid}) if proc.poll() is None else ():
+        for pid in descendants({proc.pid}) if proc.poll() is None else ():
             os.kill(pid, signal.SIGKILL)
     out = proc.stdout.read() if proc.stdout else ""
     deadline = time.monotonic() + 2  # the kernel reaps what Ray's shutdown just killed
@@ -66,7 +66,7 @@ def _stop(proc: subprocess.Popen, signum: int, seen: set[int]) -> tuple[float, s
 
 def test_rfloc_serve_simulate_predict_and_ctrl_c(tmp_path):
     proc, url, env = _start(tmp_path)
-    seen = _children({proc.pid})  # serve run, GCS, raylet, replicas, HAProxy...
+    seen = descendants({proc.pid})  # serve run, GCS, raylet, replicas, HAProxy...
     try:
         assert len(seen) > 3
         sample, truth = tmp_path / "sample.json", tmp_path / "truth.json"
@@ -96,7 +96,7 @@ def test_rfloc_serve_simulate_predict_and_ctrl_c(tmp_path):
 
 def test_sigterm_stops_rfloc_serve_as_fast_as_ctrl_c(tmp_path):
     proc, _, _ = _start(tmp_path)
-    took_s, printed = _stop(proc, signal.SIGTERM, _children({proc.pid}))
+    took_s, printed = _stop(proc, signal.SIGTERM, descendants({proc.pid}))
     print(f"SIGTERM: rfloc serve exited {proc.returncode} after {took_s:.1f} s")
     assert proc.returncode in (0, 130), printed[-3000:]
     assert took_s <= STOP_WITHIN_S, printed[-3000:]

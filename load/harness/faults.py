@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,25 +28,21 @@ import httpx
 import numpy as np
 import orjson
 
-SERVE_NAMESPACE = "serve"
-REPLICA_PREFIX = "SERVE_REPLICA::"
-TEST_HOSTS = ipaddress.ip_network("10.213.0.0/16")  # load/harness/multinode.py's netns hosts
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+from .deploy import deploy, with_second_app
+from .http1 import Connection
+from .net import check_target, free_port, wait_http
+from .procs import children_named, cpu_s, rss_mb
+from .replicas import (
+    SERVE_NAMESPACE,
+    deployment_ready,
+    proxy_pids,
+    replica_names,
+    replica_pid,
+    wait_replaced,
+)
+from .servers import MlflowServer, RedisServer
 
 # -- load ------------------------------------------------------------------------------------
-
-
-def check_target(url: str) -> None:
-    """Refuse any target but loopback and the multi-node test hosts."""
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"load may only target loopback or the test hosts, not {host!r}") from None
-    if not (ip.is_loopback or ip in TEST_HOSTS):
-        raise ValueError(f"load may only target loopback or the test hosts, not {host}")
 
 
 @dataclass(frozen=True)
@@ -132,7 +123,7 @@ class SteadyLoad:
         deadline = t0 + self.max_s
 
         async def one_client(k: int) -> None:
-            conn = _Connection(host, port)
+            conn = Connection(host, port)
             try:
                 for n, i in enumerate(counter):
                     now = time.monotonic()
@@ -155,7 +146,7 @@ class SteadyLoad:
 
         await asyncio.gather(*(one_client(k) for k in range(self.clients)))
 
-    async def _send(self, conn: _Connection, head: bytes, body: bytes) -> Sample:
+    async def _send(self, conn: Connection, head: bytes, body: bytes) -> Sample:
         t = time.monotonic()
         try:
             status, headers, content = await asyncio.wait_for(conn.request(head, body),
@@ -171,51 +162,6 @@ class SteadyLoad:
             with contextlib.suppress(Exception):
                 version = orjson.loads(content)["model"]["version"]
         return Sample(t, time.monotonic(), status, headers.get("retry-after"), version)
-
-
-class _Connection:
-    """One keep-alive HTTP/1.1 connection: a lean client, so that load costs little CPU."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._host, self._port = host, port
-        self._r: asyncio.StreamReader | None = None
-        self._w: asyncio.StreamWriter | None = None
-
-    def close(self) -> None:
-        if self._w is not None:
-            self._w.close()
-        self._r = self._w = None
-
-    async def request(self, head: bytes, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        """Send one request; (status, lower-cased headers, body) of the answer."""
-        if self._w is None:
-            self._r, self._w = await asyncio.open_connection(self._host, self._port,
-                                                             limit=1 << 22)
-        assert self._r is not None and self._w is not None
-        self._w.writelines((head, body))
-        await self._w.drain()
-        lines = (await self._r.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            key, _, value = line.partition(":")
-            headers[key.strip().lower()] = value.strip()
-        if "content-length" in headers:
-            content = await self._r.readexactly(int(headers["content-length"]))
-        elif headers.get("transfer-encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int((await self._r.readuntil(b"\r\n")).split(b";")[0], 16)
-                chunks.append((await self._r.readexactly(size + 2))[:-2])
-                if size == 0:
-                    break
-            content = b"".join(chunks)
-        else:  # no length: the body ends with the connection
-            content = await self._r.read()
-            self.close()
-        if headers.get("connection", "").lower() == "close":
-            self.close()
-        return status, headers, content
 
 
 # -- a scenario's outcome --------------------------------------------------------------------
@@ -277,147 +223,6 @@ def last_failure(samples: list[Sample], after: float) -> float | None:
 
 
 # -- the cluster -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout_s: float = 180.0, status: int = 200) -> httpx.Response:
-    """Poll `url` until it answers `status`, or raise TimeoutError after `timeout_s`."""
-    check_target(url)
-    deadline = time.monotonic() + timeout_s
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(url, timeout=5.0)
-            if r.status_code == status:
-                return r
-            last = r.status_code
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer {status} within {timeout_s} s (last: {last})")
-
-
-def deploy(cfg: dict) -> None:
-    """Deploy a serve config dict the way `serve deploy` does (the driver's cluster)."""
-    from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
-
-    client = serve_start(http_options=cfg["http_options"], grpc_options=cfg.get("grpc_options"),
-                         proxy_location=cfg.get("proxy_location"))
-    client.deploy_apps(ServeDeploySchema.model_validate(cfg))
-
-
-def with_second_app(base_cfg: dict, name: str, route_prefix: str, env_vars: dict[str, str],
-                    edit: Callable[[dict], None] | None = None) -> dict:
-    """`base_cfg` plus a one-replica copy of its first app under `route_prefix`.
-
-    The copy gets `env_vars` added to its runtime_env (its build task and replicas see
-    them), tiny CPU shares and no autoscaling, so it fits beside the first app on a small
-    cluster.
-    """
-    import copy
-
-    cfg = copy.deepcopy(base_cfg)
-    app = copy.deepcopy(cfg["applications"][0])
-    runtime_env = app.get("runtime_env", {})
-    app.update(name=name, route_prefix=route_prefix, runtime_env={
-        **runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), **env_vars}})
-    for d in app["deployments"]:
-        d["ray_actor_options"] = {"num_cpus": 0.01}
-        d.pop("autoscaling_config", None)
-        d["num_replicas"] = 1
-        if edit is not None:
-            edit(d)
-    cfg["applications"] = [cfg["applications"][0], app]
-    return cfg
-
-
-def replica_names(app: str, deployment: str) -> list[str]:
-    """Names of the live replica actors of a deployment (from the GCS: no dashboard needed)."""
-    import ray
-
-    prefix = f"{REPLICA_PREFIX}{app}#{deployment}#"
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["namespace"] == SERVE_NAMESPACE and a["name"].startswith(prefix))
-
-
-def replica_pid(name: str) -> int:
-    """PID of a replica actor's process (asked of the actor itself)."""
-    import ray
-
-    handle = ray.get_actor(name, namespace=SERVE_NAMESPACE)
-    return int(ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=30))
-
-
-def proxy_pids() -> list[int]:
-    """PIDs of the Serve HTTP proxy actors."""
-    import ray
-
-    out = []
-    for a in ray.util.list_named_actors(all_namespaces=True):
-        if a["namespace"] == SERVE_NAMESPACE and a["name"].startswith("SERVE_PROXY_ACTOR"):
-            handle = ray.get_actor(a["name"], namespace=SERVE_NAMESPACE)
-            out.append(int(ray.get(handle.__ray_call__.remote(lambda self: os.getpid()),
-                                   timeout=30)))
-    return out
-
-
-def cpu_s(pid: int) -> float:
-    """CPU time (user + system) a process has used, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children_named(pid: int, name: str) -> list[int]:
-    """PIDs of the direct children of `pid` whose command is `name` (e.g. Serve's haproxy)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (d / "stat").read_text()
-                comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1]
-                if comm == name and int(rest.split()[1]) == pid:
-                    out.append(int(d.name))
-    return out
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    raise ValueError(f"no VmRSS for pid {pid}")
-
-
-def deployment_ready(app: str, deployment: str) -> bool:
-    """The deployment is HEALTHY and every replica Serve knows of is RUNNING."""
-    from ray import serve
-
-    try:
-        st = serve.status().applications[app].deployments[deployment]
-    except KeyError:
-        return False
-    states = dict(st.replica_states)
-    return (str(st.status).endswith("HEALTHY") and not str(st.status).endswith("UNHEALTHY")
-            and states.get("RUNNING", 0) >= 1 and sum(states.values()) == states["RUNNING"])
-
-
-def wait_replaced(app: str, deployment: str, victim: str, before: set[str],
-                  timeout_s: float = 180.0) -> float:
-    """Monotonic time at which a replica killed from `before` was replaced and all run."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        names = set(replica_names(app, deployment))
-        if victim not in names and names - before and deployment_ready(app, deployment):
-            return time.monotonic()
-        time.sleep(0.2)
-    raise TimeoutError(f"{deployment} replica {victim} not replaced within {timeout_s} s")
 
 
 def request_bodies(n: int = 8, seed: int = 23, *, cache: bool = False,
@@ -518,40 +323,6 @@ def freeze_replica(base_cfg: dict, deployment: str = "Preprocessor", *, freeze_s
              f"across the freeze {worst:.1f} s")
     return summarize(f"{deployment} replica hung (SIGSTOP)", load, samples, None, notes,
                      freeze_s=freeze_s, slowest_s=worst)
-
-
-class RedisServer:
-    """A private redis-server on a loopback port, started and killed (by PID) by us."""
-
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port, self.workdir = port, workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15.0
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-            time.sleep(0.05)
-        raise TimeoutError("redis-server did not answer PING")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 def _cache_health(url: str) -> dict:
@@ -666,32 +437,6 @@ def model_reload(url: str, registry: Any, admin_token: str, bodies: list[bytes],
              f"{dict(versions)}" if recovery is not None else "never switched")
     return summarize("model reload (promote, then roll back)", load, samples, recovery, notes,
                      reload_codes=codes, versions=dict(versions))
-
-
-class MlflowServer:
-    """A real `mlflow server` on a loopback port (SQLite store), started and stopped by PID."""
-
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port, self.workdir = port, workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 180.0) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-             str(self.port), "--backend-store-uri", f"sqlite:///{self.workdir}/mlflow.db",
-             "--artifacts-destination", str(self.workdir / "art"), "--workers", "1"],
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_http(self.url + "/health", timeout_s=timeout_s)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(timeout=30)
 
 
 def registry_unreachable(base_cfg: dict, admin_token: str, *, clients: int = 4,

@@ -26,7 +26,8 @@ import orjson
 from serve_app.constants import N_SAMPLES
 from serve_app.schemas import MAX_BATCH_CAPTURES, MAX_RECEIVERS
 
-from .faults import check_target
+from .net import check_target
+from .procs import rss_mb
 
 # -- raw HTTP: bodies the client does not (fully) send -----------------------------------------
 
@@ -296,7 +297,6 @@ def concurrent_uploads(url: str, body: bytes, clients: int, pid: int,
                        path: str = "/predict", settle_s: float = 5.0) -> dict:
     """`clients` POSTs of `body` at once; statuses and the RSS (MiB) of process `pid`
     before, at its peak (sampled every 20 ms) and `settle_s` after the last answer."""
-    from .faults import rss_mb
 
     check_target(url)
     statuses: Counter = Counter()

@@ -19,38 +19,12 @@ from pathlib import Path
 
 import httpx
 
-from .faults import free_port
+from .net import free_port
+from .procs import descendants, pids_matching
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), check=check, capture_output=True, text=True, timeout=120)
-
-
-def _children(pids: set[int]) -> set[int]:
-    """`pids` and all their descendants."""
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    out, frontier = set(pids), set(pids)
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier and p not in out}
-        out |= frontier
-    return out
-
-
-def pids_matching(text: str) -> set[int]:
-    """PIDs whose command line contains `text`."""
-    found = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    found.add(int(d.name))
-            except OSError:
-                pass
-    return found
 
 
 class TwoNodeCluster:
@@ -139,7 +113,7 @@ class TwoNodeCluster:
         return out
 
     def worker_pids(self) -> set[int]:
-        return _children(pids_matching(f"--node_ip_address={self.worker_ip}")
+        return descendants(pids_matching(f"--node_ip_address={self.worker_ip}")
                          | pids_matching(f"--node-ip-address={self.worker_ip}"))
 
     def stop_worker(self) -> None:
@@ -149,7 +123,7 @@ class TwoNodeCluster:
                 os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
-        pids = _children(pids_matching(str(self.temp_dir))) | self.worker_pids()
+        pids = descendants(pids_matching(str(self.temp_dir))) | self.worker_pids()
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
