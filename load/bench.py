@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -40,8 +39,9 @@ import orjson
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness.faults import free_port  # noqa: E402
+from harness import free_port  # noqa: E402
 from httpload import LoadResult, closed_loop, open_loop, run  # noqa: E402
+from sysinfo import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "performance.md"
@@ -62,24 +62,6 @@ class Workload:
     concurrency: int
     results: dict[str, dict] = field(default_factory=dict)  # target → figures
     extra: list[str] | None = None  # per body, extra header lines (OIP binary tensors)
-
-
-def machine() -> dict:
-    """nproc, CPU model, RAM, kernel, Python, load average."""
-    model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    mem_kb = 0
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            mem_kb = int(line.split()[1])
-    import ray
-
-    return {"nproc": os.cpu_count(), "cpu": model, "ram_gib": round(mem_kb / 2**20, 1),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "ray": ray.__version__}
 
 
 def loadavg() -> str:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import re
 import statistics
@@ -34,6 +32,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from sysinfo import machine  # load/ is on sys.path: a sibling module
 
 from serve_app.samples import make_samples
 
@@ -41,17 +40,8 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 MODES = ("hit", "miss", "off")
 
 
-def machine() -> str:
-    """CPU model and core count, for the figures' context."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}"
+def _describe(m: dict) -> str:
+    return f"{m['nproc']} cores ({m['cpu']}), Linux {m['kernel']}"
 
 
 def run(url: str, body: dict, n: int, warmup: int) -> dict[str, dict[str, list[float]]]:
@@ -110,7 +100,7 @@ def report(results: dict[str, dict[str, list[float]]], n: int, body_kb: float, c
     return "\n".join([
         "## Cache",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, shared with other work; "
+        f"Measured {time.strftime('%Y-%m-%d')} on {_describe(machine())}, shared with other work; "
         f"the shipped `configs/serve_config.yaml` (HTTP port moved) under `rfloc serve` with "
         f"Redis on 127.0.0.1 (`REDIS_URL`), {n} sequential requests per mode, interleaved, "
         f"one standard capture (7 receivers x 4,800 samples, `iq_b64`, {body_kb:.0f} kB body).",

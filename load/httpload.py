@@ -1,4 +1,5 @@
-"""A lean HTTP/1.1 load generator on asyncio streams (loopback only), used by load/bench.py.
+"""A lean HTTP/1.1 load generator on asyncio streams (loopback only), used by load/bench.py;
+its connection is the fault scenarios' (load/harness/http1.py).
 
 Request bytes are built once; responses are read by Content-Length (or chunked) and not
 parsed, so the client costs little CPU beside the server it measures on a 2-core machine.
@@ -15,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from harness.http1 import Connection  # load/ is on sys.path: a sibling package
 
 LOOPBACK = "127.0.0.1"
-_STREAM_LIMIT = 1 << 22
 
 
 @dataclass
@@ -42,51 +43,6 @@ class LoadResult:
         return float(np.percentile(np.asarray(self.latencies_s), q) * 1000.0)
 
 
-class _Conn:
-    def __init__(self, port: int) -> None:
-        self._port = port
-        self._r: asyncio.StreamReader | None = None
-        self._w: asyncio.StreamWriter | None = None
-
-    async def _open(self) -> None:
-        self._r, self._w = await asyncio.open_connection(LOOPBACK, self._port,
-                                                         limit=_STREAM_LIMIT)
-
-    def close(self) -> None:
-        if self._w is not None:
-            self._w.close()
-        self._r = self._w = None
-
-    async def request(self, head: bytes, body: bytes) -> int:
-        """Send one request, read the whole response; the HTTP status."""
-        if self._w is None:
-            await self._open()
-        assert self._r is not None and self._w is not None
-        self._w.writelines((head, body))
-        await self._w.drain()
-        raw = await self._r.readuntil(b"\r\n\r\n")
-        lines = raw.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
-        if "content-length" in headers:
-            await self._r.readexactly(int(headers["content-length"]))
-        elif headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size = int((await self._r.readuntil(b"\r\n")).split(b";")[0], 16)
-                await self._r.readexactly(size + 2)
-                if size == 0:
-                    break
-        else:  # no length: the body ends with the connection
-            await self._r.read()
-            self.close()
-        if headers.get("connection", "").lower() == "close":
-            self.close()
-        return status
-
-
 def request_head(port: int, path: str, body_len: int, extra: str = "") -> bytes:
     """The request line and headers of a JSON POST; `extra`: more header lines (CRLF-ended)."""
     return (f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n"
@@ -94,11 +50,11 @@ def request_head(port: int, path: str, body_len: int, extra: str = "") -> bytes:
             "\r\n").encode()
 
 
-async def _one(conn: _Conn, head: bytes, body: bytes, res: LoadResult, t_ref: float,
+async def _one(conn: Connection, head: bytes, body: bytes, res: LoadResult, t_ref: float,
                timeout_s: float) -> None:
     res.requests += 1
     try:
-        status = await asyncio.wait_for(conn.request(head, body), timeout_s)
+        status, _, _ = await asyncio.wait_for(conn.request(head, body), timeout_s)
     except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, IndexError):
         res.errors += 1
         conn.close()
@@ -124,7 +80,7 @@ async def closed_loop(port: int, path: str, bodies: list[bytes], *, concurrency:
     deadline = t0 + duration_s
 
     async def worker(k: int) -> None:
-        conn = _Conn(port)
+        conn = Connection(LOOPBACK, port)
         try:
             for i in counter:
                 if time.perf_counter() >= deadline:
@@ -146,14 +102,14 @@ async def open_loop(port: int, path: str, bodies: list[bytes], *, rate_rps: floa
     heads = [request_head(port, path, len(b), x)
              for b, x in zip(bodies, extra or [""] * len(bodies), strict=True)]
     res = LoadResult()
-    idle: list[_Conn] = []
+    idle: list[Connection] = []
     sem = asyncio.Semaphore(max_connections)
     n = max(1, int(rate_rps * duration_s))
     t0 = time.perf_counter()
 
     async def send(i: int, t_sched: float) -> None:
         async with sem:
-            conn = idle.pop() if idle else _Conn(port)
+            conn = idle.pop() if idle else Connection(LOOPBACK, port)
             j = i % len(bodies)
             await _one(conn, heads[j], bodies[j], res, t_sched, timeout_s)
             idle.append(conn)
