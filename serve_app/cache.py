@@ -17,12 +17,12 @@ import logging
 import struct
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
+from cachetools import TTLCache
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.schemas import ModelRef, Uncertainty
@@ -427,9 +427,11 @@ class LocalLRUCache(PredictionCache):
             raise ValueError("ttl_s must be > 0")
         self.max_items = max_items
         self.ttl_s = ttl_s
+        # key -> JSON bytes (so callers never share objects), least recently used evicted
+        # first, each gone ttl_s after it was stored. TTLCache is not thread-safe: the lock.
         self._lock = threading.Lock()
-        # key -> (expires_at monotonic, JSON bytes); bytes so callers never share objects.
-        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._items: TTLCache[str, bytes] = TTLCache(maxsize=max_items, ttl=ttl_s,
+                                                     timer=time.monotonic)
 
     def __len__(self) -> int:
         with self._lock:
@@ -437,19 +439,13 @@ class LocalLRUCache(PredictionCache):
 
     async def get(self, key: str, identity: Identity | None = None) -> dict | None:
         """A fresh copy of the cached value, or None if absent, expired or invalid."""
-        now = time.monotonic()
         with self._lock:
-            entry = self._items.get(key)
-            if entry is not None and entry[0] <= now:
-                del self._items[key]
-                entry = None
-            if entry is not None:
-                self._items.move_to_end(key)
-        if entry is None:
+            raw = self._items.get(key)  # an expired entry is absent; a read makes it recent
+        if raw is None:
             self._count("misses")
             return None
         try:
-            value = self._check(entry[1], identity)
+            value = self._check(raw, identity)
         except Exception as exc:
             self._count("invalid")
             logger.warning("invalid local cache entry dropped: %s", exc)
@@ -467,12 +463,8 @@ class LocalLRUCache(PredictionCache):
             self._count("errors")
             logger.warning("local cache value failed to encode: %r", exc)
             return
-        expires_at = time.monotonic() + self.ttl_s
         with self._lock:
-            self._items[key] = (expires_at, payload)
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            self._items[key] = payload
 
     def health(self) -> dict:
         """Counters and current size."""

@@ -751,6 +751,38 @@ def test_local_lru_ttl() -> None:
     asyncio.run(scenario())
 
 
+def test_local_lru_ttl_counts_from_the_write_not_the_reads() -> None:
+    cache = LocalLRUCache(max_items=10, ttl_s=1.0)
+
+    async def scenario() -> None:
+        await cache.set("a", VALUE)
+        for _ in range(3):  # reads keep it recent, not alive
+            await asyncio.sleep(0.1)
+            assert await cache.get("a") == VALUE
+        await asyncio.sleep(0.8)
+        assert await cache.get("a") is None
+        await cache.set("a", VALUE)  # a new write starts a new TTL
+        assert await cache.get("a") == VALUE
+
+    asyncio.run(scenario())
+
+
+def test_local_lru_expired_entries_go_before_live_ones_are_evicted() -> None:
+    cache = LocalLRUCache(max_items=2, ttl_s=1.5, validator=None)
+
+    async def scenario() -> None:
+        await cache.set("x", {"v": 1})
+        await asyncio.sleep(0.75)
+        await cache.set("y", {"v": 2})
+        assert await cache.get("x") == {"v": 1}  # "x" the most recent, "y" the least
+        await asyncio.sleep(0.9)  # "x" has expired, "y" has not
+        await cache.set("z", {"v": 3})  # takes the expired entry's place, not "y"'s
+        assert await cache.get("y") == {"v": 2} and await cache.get("z") == {"v": 3}
+        assert await cache.get("x") is None and len(cache) == 2
+
+    asyncio.run(scenario())
+
+
 def test_local_lru_entries_cannot_be_mutated_by_callers() -> None:
     cache = LocalLRUCache(max_items=10, ttl_s=60)
     value = prediction_entry(latitude=45.0)
