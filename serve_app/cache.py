@@ -123,7 +123,15 @@ _safe_url = redact_url
 
 
 class CircuitBreaker:
-    """Consecutive-failure circuit breaker: closed -> open -> half_open (one probe) -> closed."""
+    """Consecutive-failure circuit breaker: closed -> open -> half_open (one probe) -> closed.
+
+    Ours rather than a library's: the callers await Redis on the replica's event loop and
+    ask `allow()` first, so that an open breaker costs no call and counts as "skipped".
+    pybreaker wraps only synchronous calls (its async path is Tornado's) and holds its lock
+    across the wrapped call; purgatory is asyncio-native but lets every caller through
+    while half-open and, unless told otherwise, counts a cancelled caller as a failure.
+    Neither has the single probe that is re-issued when its caller was cancelled.
+    """
 
     CLOSED = "closed"
     OPEN = "open"
