@@ -21,11 +21,12 @@ def build_app(args: AppArgs) -> Application:
     if args.bootstrap:
         version = bootstrap(args, EnvSettings())
         logger.info("registry alias %r -> version %s", args.model_alias, version)
-    dumped = args.model_dump(mode="json")
+    # Validated once, here (Serve checks `args` against AppArgs); each deployment gets the
+    # typed part it needs: the Ingress nearly all of it, the model its own ModelArgs.
     receivers = str(args.receivers_path) if args.receivers_path else None
     return Ingress.bind(
         Preprocessor.bind(receivers),
-        LocalizationModel.bind(dumped),
+        LocalizationModel.bind(args.model_args()),
         Postprocessor.bind(receivers),
-        dumped,
+        args,
     )

@@ -52,8 +52,8 @@ class Ingress(OpenInferenceProtocol):
     """Front doors (rfloc JSON, OIP REST and gRPC) over one LocalizationService."""
 
     def __init__(self, preprocessor: DeploymentHandle, model: DeploymentHandle,
-                 postprocessor: DeploymentHandle, args: dict) -> None:
-        self._args = AppArgs.model_validate(args)
+                 postprocessor: DeploymentHandle, args: AppArgs) -> None:
+        self._args = args
         self._env = EnvSettings()
         self._model = model
         self._network = load_network(self._args.receivers_path)

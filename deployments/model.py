@@ -13,7 +13,7 @@ from deployments.metrics import ModelMetrics
 from serve_app.lifecycle import ModelManager, load_golden, make_registry
 from serve_app.pipeline import Group, infer, n_captures
 from serve_app.receivers import load_network
-from serve_app.settings import AppArgs, EnvSettings, ModelConfig
+from serve_app.settings import EnvSettings, ModelArgs, ModelConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -23,13 +23,11 @@ logger = logging.getLogger("ray.serve")
 class LocalizationModel:
     """Runs the alias's model on batches; pinned versions via multiplexing."""
 
-    def __init__(self, args: dict) -> None:
-        app_args = AppArgs.model_validate(args)
-        network = load_network(app_args.receivers_path)
-        registry = make_registry(EnvSettings(), app_args.model_name,
-                                 app_args.model_cache_versions)
-        self._manager = ModelManager(registry, app_args.model_alias, network.ids,
-                                     load_golden(app_args.default_model_dir))
+    def __init__(self, args: ModelArgs) -> None:
+        network = load_network(args.receivers_path)
+        registry = make_registry(EnvSettings(), args.model_name, args.model_cache_versions)
+        self._manager = ModelManager(registry, args.model_alias, network.ids,
+                                     load_golden(args.default_model_dir))
         self._manager.refresh()  # cold start: fail fast without a valid model
         self._refresh_lock = asyncio.Lock()
         self._batch_sizes: collections.Counter[int] = collections.Counter()

@@ -135,6 +135,10 @@ class AppArgs(BaseModel):
         default=8, ge=1, le=1024, description="Model versions kept in the on-disk model "
         "cache of each node; the least recently used beyond it are deleted.")
 
+    def model_args(self) -> ModelArgs:
+        """The fields a LocalizationModel replica needs, already validated here."""
+        return ModelArgs(**self.model_dump(include=set(ModelArgs.model_fields)))
+
     @field_validator("pinnable_versions")
     @classmethod
     def _versions_are_numbers(cls, value: list[str] | None) -> list[str] | None:
@@ -161,6 +165,18 @@ class AppArgs(BaseModel):
         if self.receivers_path is not None and not self.receivers_path.is_file():
             raise ValueError(f"receivers_path: file not found: {self.receivers_path}")
         return self
+
+
+class ModelArgs(BaseModel):
+    """What a LocalizationModel replica takes of `AppArgs`: the model, its network, its cache."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model_name: str
+    model_alias: str
+    receivers_path: Path | None
+    default_model_dir: Path
+    model_cache_versions: int
 
 
 class BatchConfig(BaseModel):

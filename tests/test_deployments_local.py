@@ -23,12 +23,12 @@ def captures(network):
 
 
 @pytest.fixture
-def app_args(tmp_path, monkeypatch) -> dict:
+def app_args(tmp_path, monkeypatch) -> AppArgs:
     monkeypatch.setenv("RFLOC_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = AppArgs()
     bootstrap(args, EnvSettings())
-    return args.model_dump(mode="json")
+    return args
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +72,7 @@ def test_model_and_postprocessor_chain(network, captures, app_args):
 
     model = _run(LocalizationModel.options(user_config={"max_batch_size": 64,
                                                         "batch_wait_timeout_s": 0.05})
-                 .bind(app_args))
+                 .bind(app_args.model_args()))
     post = _run(Postprocessor.bind())
     groups = preprocess(captures, network)
 
