@@ -7,10 +7,6 @@ import gc
 import json
 import logging
 import pickle
-import shutil
-import signal
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -21,6 +17,7 @@ import numpy as np
 import pytest
 import redis
 
+from load.harness import RedisServer, free_port
 from serve_app.cache import (
     KEY_PREFIX,
     CircuitBreaker,
@@ -31,7 +28,6 @@ from serve_app.cache import (
 )
 from tests.conftest import SHARED_REDIS_URL
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 TIMEOUT_MS = 50.0
 # Scheduling slack on a small, busy CI machine; a stalled call would take seconds.
 SLACK_S = 0.25
@@ -71,77 +67,10 @@ def test_prefix(shared_redis: tuple[redis.Redis, list[str]]) -> str:
     return f"rfloc-test:{uuid.uuid4().hex}:"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisProcess:
-    """A throwaway redis-server on a free loopback port, started and killed by the test."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = _free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5)
-        deadline = time.monotonic() + 10.0
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.ConnectionError as exc:
-                    if self.proc.poll() is not None:
-                        code = self.proc.returncode
-                        raise RuntimeError(f"redis-server exited with {code}") from exc
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A private redis-server, always killed (only this process) at teardown."""
-    server = RedisProcess(tmp_path)
+    server = RedisServer(free_port(), tmp_path)
     try:
         server.start()
         yield server
@@ -589,7 +518,7 @@ def test_redis_ping_and_health(shared_redis) -> None:
 
 def test_unreachable_redis_never_raises_and_opens_breaker(caplog) -> None:
     cache = RedisCache(
-        f"redis://127.0.0.1:{_free_port()}/0", timeout_ms=TIMEOUT_MS, failure_threshold=3
+        f"redis://127.0.0.1:{free_port()}/0", timeout_ms=TIMEOUT_MS, failure_threshold=3
     )
 
     async def scenario() -> None:
@@ -612,7 +541,7 @@ def test_unreachable_redis_never_raises_and_opens_breaker(caplog) -> None:
     assert "127.0.0.1" in warnings[0].getMessage()
 
 
-def test_hung_redis_is_bounded_by_the_timeout(own_redis: RedisProcess) -> None:
+def test_hung_redis_is_bounded_by_the_timeout(own_redis: RedisServer) -> None:
     cache = RedisCache(own_redis.url, timeout_ms=TIMEOUT_MS, failure_threshold=2)
     before: dict[str, int] = {}
 
@@ -639,7 +568,7 @@ def test_hung_redis_is_bounded_by_the_timeout(own_redis: RedisProcess) -> None:
     assert cache.breaker.state == "open"
 
 
-def test_redis_killed_and_restarted_under_load(own_redis: RedisProcess) -> None:
+def test_redis_killed_and_restarted_under_load(own_redis: RedisServer) -> None:
     reset_timeout_s = 0.25
     cache = RedisCache(
         own_redis.url,

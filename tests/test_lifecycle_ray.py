@@ -17,6 +17,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from load.harness import MlflowServer, with_second_app
 from serve_app.registry import ModelRegistry, embedded_uris
 from tests.conftest import REPO, free_port, wait_http
 
@@ -187,36 +188,20 @@ def test_registry_unreachable_during_reload(app_url, admin_headers, sample_reque
     """A second app on an MLflow server we stop: it keeps serving and reports degraded."""
     from tests.conftest import deploy_config, shipped_config
 
-    mlflow_port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-         str(mlflow_port), "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-         "--artifacts-destination", str(tmp_path / "art"), "--workers", "1"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = MlflowServer(free_port(), tmp_path)
     try:
-        wait_http(f"http://127.0.0.1:{mlflow_port}/health", timeout_s=120)
-        cfg = shipped_config(int(app_url.rsplit(":", 1)[1]))
-        app = cfg["applications"][0]
-        env_vars = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-                    "RFLOC_STATE_DIR": str(tmp_path / "state")}
-        app.update(name="remote", route_prefix="/remote",
-                   runtime_env={"env_vars": env_vars})
-        for d in app["deployments"]:
-            d["ray_actor_options"] = {"num_cpus": 0.01}
-            d.pop("autoscaling_config", None)
-            d["num_replicas"] = 1
-        # Keep the session's app: deploy both applications together.
-        base = shipped_config(int(app_url.rsplit(":", 1)[1]))
-        cfg["applications"] = [base["applications"][0], app]
-        deploy_config(cfg)  # the app's runtime_env reaches its build task and replicas
+        server.start(timeout_s=120)
+        # Keep the session's app: deploy both applications together. The second one's
+        # runtime_env reaches its build task and replicas.
+        deploy_config(with_second_app(
+            shipped_config(int(app_url.rsplit(":", 1)[1])), "remote", "/remote",
+            {"MLFLOW_TRACKING_URI": server.url, "RFLOC_STATE_DIR": str(tmp_path / "state")}))
         url = app_url + "/remote"
         wait_http(url + "/health", timeout_s=240)
         body = {**sample_requests["b64"][3], "cache": False}
         assert httpx.post(url + "/predict", json=body, timeout=60).status_code == 200
 
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        server.stop()
         r = httpx.post(url + "/model/reload", headers=admin_headers, timeout=60)
         assert r.status_code == 503 and "registry unreachable" in r.json()["error"]["message"]
         for _ in range(5):
@@ -231,9 +216,7 @@ def test_registry_unreachable_during_reload(app_url, admin_headers, sample_reque
         assert health["status"] == "degraded" and health["registry"] == "degraded"
         assert health["model"]["version"]
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=30)
+        server.stop()
         deploy_config(shipped_config(int(app_url.rsplit(":", 1)[1])))
 
 

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from load.harness import MlflowServer, free_port
 from serve_app.errors import ModelError, RegistryUnavailable
 from serve_app.model import sha256_file
 from serve_app.registry import (
@@ -59,12 +55,6 @@ def _tiny_onnx(path: Path, scale: float = 1.0) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -251,7 +241,7 @@ def test_missing_file_raises(registry: ModelRegistry, tmp_path: Path) -> None:
 def test_unreachable_registry_fails_fast(tmp_path: Path, onnx_files) -> None:
     os.environ.pop(TIMEOUT_ENV, None)
     os.environ.pop(MAX_RETRIES_ENV, None)
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     registry = ModelRegistry(uri, cache_dir=tmp_path / "cache", timeout_s=2.0)
     assert os.environ[TIMEOUT_ENV] == "2" and os.environ[MAX_RETRIES_ENV] == "1"
     start = time.monotonic()
@@ -273,45 +263,12 @@ def test_env_overrides_are_respected(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` serving artifacts over HTTP, started once per module."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    log = (root / "server.log").open("wb")
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
-        "--artifacts-destination", str(root / "art"),
-        "--serve-artifacts",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1",
-    ]  # fmt: skip
-    # The server's background job runner is not needed here and slows startup.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    # Own session so teardown can stop the server and the workers it forks, by its PID.
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(free_port(), tmp_path_factory.mktemp("mlflow_server"))
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not ready after {SERVER_START_TIMEOUT_S} s")
-            time.sleep(0.2)
-        yield url
+        server.start(timeout_s=SERVER_START_TIMEOUT_S)
+        yield server.url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+        server.stop()
 
 
 @pytest.mark.slow
@@ -373,7 +330,7 @@ def test_alias_watcher_keeps_its_view_when_the_registry_is_down(tmp_path: Path) 
     from serve_app.lifecycle import AliasWatcher
     from serve_app.schemas import ModelRef
 
-    registry = ModelRegistry(f"http://127.0.0.1:{_free_port()}", cache_dir=tmp_path / "c",
+    registry = ModelRegistry(f"http://127.0.0.1:{free_port()}", cache_dir=tmp_path / "c",
                              timeout_s=2.0)
     watcher = AliasWatcher(registry, "production")
     watcher.ref = ref = ModelRef(name="m", version="3", alias="production", sha256="ab")
