@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from serve_app.constants import N_SAMPLES
 from serve_app.features import FEATURE_SPEC_VERSION, N_FEATURES, extract_features
-from serve_app.model import COV_OUTPUT, INPUT_NAME, MEAN_OUTPUT, OnnxLocalizer
+from serve_app.model import OnnxLocalizer
 from serve_app.pipeline import CaptureGroup, infer, postprocess, preprocess, stack_captures
 from serve_app.receivers import ReceiverNetwork, load_network
 from serve_app.schemas import ModelRef
 from serve_app.simulate import Scenes, synthesize_iq
+from tests.test_model import build_tiny_onnx
 
 MODEL_REF = ModelRef(name="localization_model", version="7", alias="production")
 COV_M2 = ((4.0e8, 1.0e8), (1.0e8, 9.0e8))
@@ -27,46 +25,15 @@ def network() -> ReceiverNetwork:
     return load_network()
 
 
-def _tiny_model_file(path: Path, network: ReceiverNetwork) -> Path:
-    """Contract-shaped ONNX: mean = 1000 × slot-mean of (power, snr); cov = COV_M2."""
-    x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", len(network),
-                                                                       N_FEATURES])
-    mean = helper.make_tensor_value_info(MEAN_OUTPUT, TensorProto.FLOAT, ["N", 2])
-    cov = helper.make_tensor_value_info(COV_OUTPUT, TensorProto.FLOAT, ["N", 2, 2])
-    inits = [
-        helper.make_tensor("scale", TensorProto.FLOAT, [], [1000.0]),
-        helper.make_tensor("cov_const", TensorProto.FLOAT, [1, 2, 2],
-                           np.asarray(COV_M2, np.float32).ravel().tolist()),
-        helper.make_tensor("i0", TensorProto.INT64, [1], [0]),
-        helper.make_tensor("i1", TensorProto.INT64, [1], [1]),
-        helper.make_tensor("i2", TensorProto.INT64, [1], [2]),
-        helper.make_tensor("two_two", TensorProto.INT64, [2], [2, 2]),
-    ]
-    nodes = [
-        helper.make_node("ReduceMean", [INPUT_NAME], ["pooled"], axes=[1], keepdims=0),
-        helper.make_node("Slice", ["pooled", "i0", "i2", "i1"], ["first_two"]),
-        helper.make_node("Mul", ["first_two", "scale"], [MEAN_OUTPUT]),
-        helper.make_node("Shape", [INPUT_NAME], ["shape"]),
-        helper.make_node("Slice", ["shape", "i0", "i1", "i0"], ["batch"]),
-        helper.make_node("Concat", ["batch", "two_two"], ["cov_shape"], axis=0),
-        helper.make_node("Expand", ["cov_const", "cov_shape"], [COV_OUTPUT]),
-    ]
-    model = helper.make_model(helper.make_graph(nodes, "tiny", [x], [mean, cov], inits),
-                              opset_imports=[helper.make_opsetid("", 13)])
-    helper.set_model_props(model, {
+@pytest.fixture(scope="module")
+def model(network: ReceiverNetwork, tmp_path_factory: pytest.TempPathFactory) -> OnnxLocalizer:
+    # mean = 1000 x slot-mean of (power, snr); cov = COV_M2
+    path = build_tiny_onnx(tmp_path_factory.mktemp("model") / "tiny.onnx", {
         "feature_spec_version": FEATURE_SPEC_VERSION,
         "receivers": json.dumps(network.ids),
         "enu_origin": json.dumps({"latitude": network.origin_lat,
                                   "longitude": network.origin_lon}),
-    })
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(network: ReceiverNetwork, tmp_path_factory: pytest.TempPathFactory) -> OnnxLocalizer:
-    path = _tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.onnx", network)
+    }, n_slots=len(network), cov_m2=COV_M2)
     return OnnxLocalizer(path, network.ids)
 
 
