@@ -15,26 +15,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from harness.inprocess import localize  # load/ is on sys.path
 from pyproj import Geod
 
-from serve_app.decode import decode_capture, encode_capture
+from serve_app.decode import encode_capture
 from serve_app.io.datatypes import SAMPLE_TYPES
 from serve_app.io.sigmf import read_recording_set, write_simulated_sets
 from serve_app.model import OnnxLocalizer
-from serve_app.pipeline import infer, postprocess, preprocess, stack_captures
-from serve_app.receivers import ReceiverNetwork, load_network
+from serve_app.receivers import load_network
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "localization_model.onnx"
-
-
-def _localize(request: dict, net: ReceiverNetwork, model: OnnxLocalizer
-              ) -> tuple[dict | None, np.ndarray]:
-    d = decode_capture(request, net)
-    g = preprocess([stack_captures([(d.iq, d.slots)], len(net), [0.95])], net)[0]
-    infer([g], model, {"name": "m", "version": "1"})
-    postprocess(g, net)
-    assert g.results is not None
-    return g.results[0], 10 * np.log10(np.mean(np.abs(d.iq.astype(complex)) ** 2, axis=1))
 
 
 def main() -> None:
@@ -56,8 +46,8 @@ def main() -> None:
             dist, dp = [], []
             for i, path in enumerate(sim.paths):
                 ids = [net.ids[j] for j in np.flatnonzero(sim.present[i])]
-                x, px = _localize(read_recording_set(path, net).to_request(), net, model)
-                y, py = _localize(encode_capture(sim.iq[i][sim.present[i]], ids), net, model)
+                x, px = localize(read_recording_set(path, net).to_request(), net, model)
+                y, py = localize(encode_capture(sim.iq[i][sim.present[i]], ids), net, model)
                 dp.append(float(np.abs(px - py).max()))
                 assert (x is None) == (y is None), f"{path}: localized by one path only"
                 if x is not None and y is not None:

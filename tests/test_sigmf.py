@@ -15,6 +15,7 @@ from pyproj import Geod
 from sigmf.sigmffile import fromfile
 from sigmf.validate import main as sigmf_validate
 
+from load.harness.inprocess import localize
 from serve_app.constants import N_SAMPLES, SAMPLE_RATE_HZ
 from serve_app.decode import decode_capture, encode_capture
 from serve_app.io.datatypes import SAMPLE_TYPES
@@ -32,7 +33,6 @@ from serve_app.io.sigmf import (
     write_simulated_sets,
 )
 from serve_app.model import OnnxLocalizer
-from serve_app.pipeline import infer, postprocess, preprocess, stack_captures
 from serve_app.receivers import ReceiverNetwork, load_network
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "localization_model.onnx"
@@ -52,18 +52,6 @@ def network() -> ReceiverNetwork:
 @pytest.fixture(scope="module")
 def model(network: ReceiverNetwork) -> OnnxLocalizer:
     return OnnxLocalizer(MODEL, network.ids)
-
-
-def _localize(request: dict[str, Any], network: ReceiverNetwork, model: OnnxLocalizer
-              ) -> tuple[dict | None, np.ndarray]:
-    """The service's core on one request: (result or None if refused, per-receiver power dB)."""
-    d = decode_capture(request, network)
-    group = preprocess([stack_captures([(d.iq, d.slots)], len(network), [0.95])], network)[0]
-    infer([group], model, {"name": "m", "version": "1"})
-    postprocess(group, network)
-    assert group.results is not None
-    power = 10 * np.log10(np.mean(np.abs(d.iq.astype(np.complex128)) ** 2, axis=1))
-    return group.results[0], power
 
 
 def _validate_with_sigmf(meta_paths: list[Path]) -> None:
@@ -98,9 +86,9 @@ def test_round_trip_localizes_like_complex64_json(
         ids = [network.ids[j] for j in np.flatnonzero(sim.present[i])]
         assert capture.receiver_ids == ids
         assert capture.sample_rate_hz == SAMPLE_RATE_HZ
-        via_sigmf, power_sigmf = _localize(capture.to_request(), network, model)
+        via_sigmf, power_sigmf = localize(capture.to_request(), network, model)
         assert sim.iq is not None
-        via_json, power_json = _localize(encode_capture(sim.iq[i][sim.present[i]], ids),
+        via_json, power_json = localize(encode_capture(sim.iq[i][sim.present[i]], ids),
                                          network, model)
         assert np.abs(power_sigmf - power_json).max() <= POWER_TOL_DB[datatype]
         assert (via_sigmf is None) == (via_json is None)
