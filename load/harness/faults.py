@@ -222,7 +222,7 @@ def last_failure(samples: list[Sample], after: float) -> float | None:
     return max(times) if times else None
 
 
-# -- the cluster -----------------------------------------------------------------------------
+# -- requests --------------------------------------------------------------------------------
 
 
 def request_bodies(n: int = 8, seed: int = 23, *, cache: bool = False,
