@@ -82,14 +82,13 @@ def test_simulate_parquet_then_batch_refuses_a_foreign_file(rfloc, tmp_path):
 @pytest.fixture(scope="module")
 def naive_service():
     """The single-process FastAPI app of load/naive_app.py on a free loopback port (no Ray)."""
-    import socket
     import time
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from load.harness import free_port
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(REPO / "load" / "naive_app.py"), "--port",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
