@@ -40,7 +40,13 @@ class Chain:
 
     def __init__(self, preprocessor: DeploymentHandle, model: DeploymentHandle,
                  postprocessor: DeploymentHandle, watcher: AliasWatcher, args: AppArgs) -> None:
-        self._pre, self._model, self._post = preprocessor, model, postprocessor
+        # The groups are plain dataclasses of numpy arrays, dicts and pydantic models, all
+        # importable: the standard pickle (C) serializes them for the gRPC hops without
+        # cloudpickle's per-object Python hook (docs/performance.md).
+        pre, model, post = (h.options(request_serialization="pickle",
+                                      response_serialization="pickle")
+                            for h in (preprocessor, model, postprocessor))
+        self._pre, self._model, self._post = pre, model, post
         self._watcher, self._args = watcher, args
 
     async def __call__(self, group: CaptureGroup, pinned: str | None) -> Group:

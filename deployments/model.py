@@ -54,7 +54,9 @@ class LocalizationModel:
         self._batch_sizes[n_captures(groups)] += 1
         self._metrics.batch_started(groups)
         self._metrics.sync_model(self._manager)
-        out = await asyncio.to_thread(infer, groups, loaded.localizer, loaded.ref)
+        # On the event loop: ONNX Runtime takes ~0.01 ms a capture, less than a hand-off
+        # to a worker thread.
+        out = infer(groups, loaded.localizer, loaded.ref)
         self._metrics.inferred(out)
         return out
 

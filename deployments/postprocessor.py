@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from ray import serve
 
 from deployments.metrics import PostprocessorMetrics
@@ -20,6 +18,9 @@ class Postprocessor:
         self._metrics = PostprocessorMetrics()
 
     async def __call__(self, group: Group) -> Group:
-        out = await asyncio.to_thread(postprocess, group, self._network)
+        # On the replica's event loop: a group's ellipses and GeoJSON are pure Python
+        # (~0.2 ms a capture) that a worker thread would run under the same GIL, after a
+        # hand-off that costs more CPU than it frees (docs/performance.md).
+        out = postprocess(group, self._network)
         self._metrics.postprocessed(out)
         return out
