@@ -1,15 +1,18 @@
-"""Side-by-side benchmark of L, N and S (DESIGN.md "Performance") for the three workloads.
+"""Side-by-side benchmark of L, N, S and P (DESIGN.md "Performance") for the workloads.
 
   L  the in-process limit: parse + decode + features + ONNX + postprocess + JSON answer,
      vectorized over 64 captures, one Python process, no HTTP
   N  load/naive_app.py under uvicorn (1 worker), started here on a loopback port
   S  the shipped configs/serve_config.yaml under `rfloc serve` (a copy on another port, a
      temporary RFLOC_STATE_DIR, its own local Ray instance), stopped with SIGTERM
+  P  the peers: MLServer and BentoML running the same core (load/peers/run.py, each in
+     its own virtualenv, created first if missing), one after the other, stopped with SIGTERM
 
 For each: captures/s at saturation (closed loop) and p50/p99 latency at a fixed moderate
-rate (open loop, the same rate for N and S: --rate-frac of the lower saturated rate).
+rate (open loop, the same rate for N, S and P: --rate-frac of N's and S's lower saturated
+rate).
 Also: peak RSS (VmHWM) of every Serve replica under the batch workload. Prints a table and
-rewrites the section "## L / N / S" of docs/performance.md, keeping every other section
+rewrites the section "## L / N / S / P" of docs/performance.md, keeping every other section
 (load/batch_bench.py owns "## Offline batch", the offline `rfloc batch` on Ray Data).
 
     python load/bench.py            # the full run (~8 min on 2 cores)
@@ -49,6 +52,7 @@ SHIPPED_CONFIG = REPO / "configs" / "serve_config.yaml"
 L_PASS_CAPTURES = 64
 SUB_PHASES = 3  # saturation: best of 3 (the machine is shared)
 BATCH_CAPTURES = 32
+PEERS = {"mlserver": "MLServer", "bentoml": "BentoML"}  # P: load/peers/run.py NAME
 
 
 @dataclass
@@ -309,6 +313,32 @@ def start_serve(tmp: Path, config: Path, extra_env: dict[str, str],
     return srv, f"{shown} rfloc serve --config {where}{at}".strip()
 
 
+def prepare_peer(name: str) -> str | None:
+    """Create the peer's virtualenv if missing; None when ready, else why it cannot run."""
+    proc = subprocess.run([sys.executable, str(REPO / "load" / "peers" / "run.py"), name,
+                           "--prepare"], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    lines = (proc.stderr + proc.stdout).strip().splitlines()
+    return lines[-1] if lines else f"exit {proc.returncode}"
+
+
+def start_peer(tmp: Path, name: str, settings: list[str]) -> tuple[Server, str]:
+    """P: `python load/peers/run.py NAME --port P [--set K=V ...]`, its virtualenv ready."""
+    sys.path.insert(0, str(REPO / "load" / "peers"))
+    from run import PEERS as PEER_SPECS  # noqa: PLC0415 - load/peers/run.py
+
+    port = free_port()
+    sets = [a for kv in settings for a in ("--set", kv)]
+    argv = [sys.executable, str(REPO / "load" / "peers" / "run.py"), name, "--port", str(port),
+            *sets]
+    srv = Server(PEERS[name], argv, port, dict(os.environ), tmp / f"{name}.log",
+                 health=PEER_SPECS[name].health)
+    srv.start(300)
+    chosen = {**PEER_SPECS[name].settings, **dict(kv.split("=", 1) for kv in settings)}
+    return srv, ", ".join(f"{k}={v}" for k, v in chosen.items())
+
+
 # -- replicas' memory -------------------------------------------------------------------------
 
 def _children() -> dict[int, list[int]]:
@@ -451,24 +481,38 @@ def fmt(x: float | None, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
 def table(workloads: list[Workload]) -> str:
-    """The L/N/S markdown table."""
-    head = ("| workload | L cap/s | N cap/s | S cap/s | **S/N** | **S/L** | "
-            "CPU ms/cap L / N / S | rate req/s | L p50 / p99 ms | N p50 / p99 ms | "
-            "S p50 / p99 ms |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+    """The L/N/S/P markdown table (a column per peer measured)."""
+    peers = [p for p in PEERS if any(p in w.results for w in workloads)]
+    targets = ["L", "N", "S", *peers]
+    label = {"L": "L", "N": "N", "S": "S", **PEERS}
+    pl = " / ".join(PEERS[p] for p in peers)
+    head = ("| workload | " + " | ".join(f"{label[t]} cap/s" for t in targets)
+            + " | **S/N** | **S/L** | "
+            + (f"**S/P** {pl} | P/N {pl} | " if peers else "")
+            + "CPU ms/cap " + " / ".join(label[t] for t in targets) + " | rate req/s | "
+            + " | ".join(f"{label[t]} p50 / p99 ms" for t in targets) + " |\n|---|"
+            + "--:|" * (len(targets) * 2 + 4 + (2 if peers else 0)) + "\n")
     rows = []
     for w in workloads:
         r = w.results
-        cap = {t: r.get(t, {}).get("captures_s") for t in "LNS"}
-        sn = cap["S"] / cap["N"] if cap["S"] and cap["N"] else None
-        sl = cap["S"] / cap["L"] if cap["S"] and cap["L"] else None
+        cap = {t: r.get(t, {}).get("captures_s") for t in targets}
         lat = {t: f"{fmt(r.get(t, {}).get('p50_ms'), 1)} / {fmt(r.get(t, {}).get('p99_ms'), 1)}"
-               for t in "LNS"}
+               for t in targets}
         rate = r.get("S", r.get("N", {})).get("rate_rps")
-        cpu = " / ".join(fmt(r.get(t, {}).get("cpu_ms_per_capture"), 2) for t in "LNS")
-        rows.append(f"| {w.name} | {fmt(cap['L'])} | {fmt(cap['N'])} | {fmt(cap['S'])} | "
-                    f"{fmt(sn, 2)} | {fmt(sl, 2)} | {cpu} | {fmt(rate, 1)} | {lat['L']} | "
-                    f"{lat['N']} | {lat['S']} |")
+        cpu = " / ".join(fmt(r.get(t, {}).get("cpu_ms_per_capture"), 2) for t in targets)
+        vs_p = ""
+        if peers:
+            vs_p = (" / ".join(fmt(_ratio(cap["S"], cap[p]), 2) for p in peers) + " | "
+                    + " / ".join(fmt(_ratio(cap[p], cap["N"]), 2) for p in peers) + " | ")
+        rows.append(f"| {w.name} | " + " | ".join(fmt(cap[t]) for t in targets) + " | "
+                    f"{fmt(_ratio(cap['S'], cap['N']), 2)} | "
+                    f"{fmt(_ratio(cap['S'], cap['L']), 2)} | {vs_p}{cpu} | {fmt(rate, 1)} | "
+                    + " | ".join(lat[t] for t in targets) + " |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -490,6 +534,10 @@ def cpu_table(workloads: list[Workload]) -> list[str]:
     return [*lines, ""]
 
 
+# Sections this bench wrote under an older title: replaced in place by the new one.
+RENAMED = {"L / N / S": "L / N / S / P"}
+
+
 def replace_sections(doc: str, sections: dict[str, str]) -> str:
     """Replace (or append) the `## title` sections named in `sections`; keep the others."""
     if not doc.strip():
@@ -498,6 +546,9 @@ def replace_sections(doc: str, sections: dict[str, str]) -> str:
     out, seen = [], set()
     for part in parts:
         title = part.splitlines()[0][3:].strip() if part.startswith("## ") else None
+        if title in RENAMED and RENAMED[title] in sections and RENAMED[title] not in seen \
+                and f"## {RENAMED[title]}\n" not in doc:
+            title = RENAMED[title]
         if title in sections:
             out.append(sections[title].rstrip() + "\n\n")
             seen.add(title)
@@ -511,11 +562,12 @@ def replace_sections(doc: str, sections: dict[str, str]) -> str:
 
 
 def report(args: argparse.Namespace, mach: dict, workloads: list[Workload], rss: list[dict],
-           loads: dict[str, str], s_cmd: str, wall_s: float) -> dict[str, str]:
+           loads: dict[str, str], s_cmd: str, wall_s: float,
+           p_cmds: dict[str, str] | None = None) -> dict[str, str]:
     """The markdown sections this bench owns."""
     cmd = "python load/bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lns = [
-        "## L / N / S", "",
+        "## L / N / S / P", "",
         f"Measured by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M %Z')} "
         f"(whole run {wall_s / 60:.1f} min).", "",
         f"Machine: {mach['nproc']} cores ({mach['cpu']}), {mach['ram_gib']} GiB RAM, Linux "
@@ -531,6 +583,10 @@ def report(args: argparse.Namespace, mach: dict, workloads: list[Workload], rss:
         "request, no batching, no Ray).",
         f"- **S**: `{s_cmd}` (a copy on a free port, fresh `RFLOC_STATE_DIR`, "
         "`RAY_ADDRESS=local`).",
+        *[f"- **P {PEERS[n]}**: `python load/peers/run.py {n}` ({how}): the same core "
+          "behind the peer's own adaptive batching, N's bodies and answers "
+          "(load/README.md \"Peers\"); no OIP binary endpoint." for n, how in
+          (p_cmds or {}).items()],
         f"- Load: `load/httpload.py` (asyncio, keep-alive, loopback), in the bench process. "
         f"Saturation: closed loop, {args.warmup:g} s warm-up then {SUB_PHASES} phases of "
         f"{args.duration / SUB_PHASES:g} s, the best phase reported (L likewise): the machine "
@@ -539,7 +595,7 @@ def report(args: argparse.Namespace, mach: dict, workloads: list[Workload], rss:
         "phases per capture answered — less disturbed by other work than captures/s. "
         f"connections: " + ", ".join(f"{w.name} {w.concurrency}" for w in workloads) + ". "
         f"Latency: open loop at a fixed rate = {args.rate_frac:g} × the lower of N's and S's "
-        f"saturated request rate (the same rate for both), {args.duration:g} s, "
+        f"saturated request rate (the same rate for N, S and P), {args.duration:g} s, "
         "measured from each request's scheduled send time.",
         "- Payloads: standard captures (7 receivers × 4,800 samples) from the simulator, "
         "`\"cache\": false` (every request runs the whole chain). OIP binary: the Open "
@@ -549,7 +605,7 @@ def report(args: argparse.Namespace, mach: dict, workloads: list[Workload], rss:
         table(workloads),
     ]
     errs = [f"{w.name} {t}: {w.results[t].get('non_200')}, conn errors "
-            f"{w.results[t].get('conn_errors')}" for w in workloads for t in "NS"
+            f"{w.results[t].get('conn_errors')}" for w in workloads for t in ["N", "S", *PEERS]
             if w.results.get(t, {}).get("non_200") or w.results.get(t, {}).get("conn_errors")]
     if errs:
         lns += ["Non-200 answers / connection errors: " + "; ".join(errs) + ".", ""]
@@ -561,7 +617,7 @@ def report(args: argparse.Namespace, mach: dict, workloads: list[Workload], rss:
         lns += [f"| {r['name']} | {r['pid']} | {r['peak_rss_mib']} | {r['rss_mib']} |"
                 for r in rss]
         lns.append("")
-    sections = {"L / N / S": "\n".join(lns)}
+    sections = {"L / N / S / P": "\n".join(lns)}
     return sections
 
 
@@ -569,7 +625,11 @@ def main() -> int:
     """Run the benchmark."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: short phases, few payloads")
-    p.add_argument("--targets", default="LNS", help="subset of L, N, S to measure")
+    p.add_argument("--targets", default="LNSP", help="subset of L, N, S, P to measure")
+    p.add_argument("--peers", default=",".join(PEERS),
+                   help="comma-separated peers measured as P (of: " + ", ".join(PEERS) + ")")
+    p.add_argument("--peer-set", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   help="a setting of a peer (load/peers/run.py --set), repeatable")
     p.add_argument("--workloads", default="b64,oip,pairs,batch",
                    help="comma-separated: b64, oip (single capture, OIP binary tensors), "
                         "pairs, batch")
@@ -595,6 +655,21 @@ def main() -> int:
     all_w = build_workloads(n_single, n_pairs, n_batches, seed=21)
     workloads = [all_w[keys[k]] for k in args.workloads.split(",")]
     serve_env = dict(kv.split("=", 1) for kv in args.serve_env)
+    peers = [n for n in args.peers.split(",") if n] if "P" in args.targets else []
+    for n in peers:
+        if n not in PEERS:
+            p.error(f"--peers: {n} is not one of {', '.join(PEERS)}")
+    peer_sets: dict[str, list[str]] = {n: [] for n in peers}
+    for item in args.peer_set:
+        n, _, kv = item.partition(":")
+        if n in peer_sets:
+            peer_sets[n].append(kv)
+    for n in list(peers):  # venvs first: creating one takes minutes, not to be measured
+        why = prepare_peer(n)
+        if why is not None:
+            print(f"P {n}: skipped, its virtualenv could not be made: {why}", flush=True)
+            peers.remove(n)
+    p_cmds: dict[str, str] = {}
 
     if "L" in args.targets:
         core = InProcess()
@@ -641,6 +716,29 @@ def main() -> int:
                                   f"{r['peak_rss_mib']} MiB", flush=True)
                 serve.stop()
                 serve = None
+            for n in peers:
+                peer, p_cmds[n] = start_peer(tmp, n, peer_sets[n])
+                try:
+                    assert peer.proc is not None
+                    print(f"P {n} ready ({p_cmds[n]})", flush=True)
+                    for w in workloads:
+                        if w.extra is not None:  # OIP binary: not served by the peers
+                            continue
+                        w.results[n] = saturate(w, peer.port, args.warmup, args.duration,
+                                                peer.proc.pid)
+                        print(f"P {n} {w.name}: {w.results[n]['captures_s']:.0f} captures/s",
+                              flush=True)
+                        # The rate of N and S (the one S used), else half the peer's own.
+                        base = [w.results[t]["captures_s"] for t in "NS" if t in w.results]
+                        rate = w.results.get("S", {}).get("rate_rps") or max(0.5, (
+                            args.rate_frac * min(base or [w.results[n]["captures_s"]])
+                            / w.captures_per_request))
+                        res = at_rate(w, peer.port, rate, args.duration)
+                        w.results[n].update(p50_ms=res.pct_ms(50), p99_ms=res.pct_ms(99),
+                                            rate_rps=rate, rate_non_200={
+                                                k: v for k, v in res.status.items() if k != 200})
+                finally:
+                    peer.stop()
             if naive:
                 for w in workloads:
                     rate = w.results.get("S", {}).get("rate_rps") or max(
@@ -658,7 +756,7 @@ def main() -> int:
     print()
     print(table(workloads))
     sections = report(args, mach, workloads, rss, loads, s_cmd,
-                      time.perf_counter() - t_start)
+                      time.perf_counter() - t_start, p_cmds)
     if args.doc:
         doc = Path(args.doc)
         doc.parent.mkdir(parents=True, exist_ok=True)

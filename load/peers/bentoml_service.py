@@ -10,8 +10,8 @@ in a list field (another body than N's), and refuse bad input with its own error
 Settings come from the environment (load/peers/run.py --set KEY=VALUE sets them):
 RFLOC_BENTO_WORKERS (processes, default 1), RFLOC_BENTO_THREADS (threads running the
 batched method, default 1), RFLOC_BENTO_MAX_BATCH (bodies per batch, default 32),
-RFLOC_BENTO_MAX_LATENCY_MS (default 10000, see below), RFLOC_BENTO_ASYNC (1: the batched
-method runs on the event loop instead of a thread).
+RFLOC_BENTO_MAX_LATENCY_MS (default 10000, see below), RFLOC_BENTO_ASYNC (1, the default:
+the batched method runs on the event loop; 0: in BentoML's thread pool).
 
 BentoML's dispatcher cancels a queued request as soon as its estimated latency (queue wait
 plus the fitted cost of the batch) passes `max_latency_ms`, and the request gets a 503
@@ -34,7 +34,7 @@ WORKERS = int(os.environ.get("RFLOC_BENTO_WORKERS", "1"))
 THREADS = int(os.environ.get("RFLOC_BENTO_THREADS", "1"))
 MAX_BATCH = int(os.environ.get("RFLOC_BENTO_MAX_BATCH", "32"))
 MAX_LATENCY_MS = int(os.environ.get("RFLOC_BENTO_MAX_LATENCY_MS", "10000"))
-ON_LOOP = os.environ.get("RFLOC_BENTO_ASYNC", "0") == "1"
+ON_LOOP = os.environ.get("RFLOC_BENTO_ASYNC", "1") == "1"
 
 
 class RawBody(IORootModel[list[bytes]]):

@@ -58,7 +58,7 @@ PEERS = {
     "bentoml": Peer(
         "bentoml",
         {"workers": "1", "threads": "1", "max_batch_size": "32", "max_latency_ms": "10000",
-         "async": "0"},
+         "async": "1"},
         "/readyz",
         {"workers": "service processes", "threads": "threads running the batched method",
          "max_batch_size": "adaptive batching: bodies per batch",
