@@ -167,3 +167,25 @@ def test_peer_server_answers_like_n(name, captures):
         proc.wait(timeout=60)
     left = [p for p in below if Path(f"/proc/{p}").exists()]
     assert not left, f"processes left after SIGTERM: {left}"
+
+
+def test_bench_table_has_peer_columns_and_replaces_its_old_section():
+    """load/bench.py: a column per peer measured, S/P and P/N, the section renamed in place."""
+    import bench  # load/bench.py
+
+    w = bench.Workload("single iq_b64", "/predict", [], 1, 16)
+    w.results = {t: {"captures_s": c, "cpu_ms_per_capture": 2.0, "p50_ms": 5.0, "p99_ms": 9.0}
+                 for t, c in [("N", 400.0), ("S", 600.0), ("mlserver", 300.0)]}
+    head, rule, row = bench.table([w]).splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    cells = dict(zip(cols, [c.strip() for c in row.strip("|").split("|")], strict=True))
+    assert len(rule.split("|")) == len(head.split("|"))
+    assert cells["MLServer cap/s"] == "300" and "BentoML cap/s" not in cells
+    assert cells["**S/P** MLServer"] == "2.00" and cells["P/N MLServer"] == "0.75"
+    assert cells["**S/N**"] == "1.50" and cells["MLServer p50 / p99 ms"] == "5.0 / 9.0"
+
+    doc = "# Performance\n\n## Cache\n\nc\n\n## L / N / S\n\nold\n\n## Offline batch\n\nb\n"
+    out = bench.replace_sections(doc, {"L / N / S / P": "## L / N / S / P\n\nnew"})
+    assert "old" not in out and "## L / N / S\n" not in out
+    assert out.index("## Cache") < out.index("new") < out.index("## Offline batch")
+    assert out.endswith("b\n")
