@@ -6,7 +6,7 @@
 
 Each peer runs from its own virtualenv, created on first use under $RFLOC_PEERS_DIR (default
 ~/.cache/rfloc/peers/NAME) from load/peers/requirements-NAME.txt, and made anew when that
-file changes. The project is not installed there: the server runs with this checkout and
+file's pins change. The project is not installed there: the server runs with this checkout and
 load/peers on PYTHONPATH, so one virtualenv serves every checkout. Both peers answer
 N's `POST /predict` and `POST /predict/batch` bodies (load/peers/peer_core.py).
 Ctrl-C or SIGTERM stops the server and every process it started.
@@ -75,8 +75,10 @@ def venv_dir(name: str) -> Path:
 
 
 def _stamp(peer: Peer) -> str:
-    """What the virtualenv was made from: the requirements file and the interpreter."""
-    h = hashlib.sha256(peer.requirements.read_bytes())
+    """What the virtualenv was made from: the pinned requirements and the interpreter."""
+    pins = [ln.strip() for ln in peer.requirements.read_text().splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")]
+    h = hashlib.sha256("\n".join(pins).encode())
     h.update(f"{sys.version_info[:3]}".encode())
     return h.hexdigest()
 
