@@ -581,8 +581,8 @@ def report(args: argparse.Namespace, mach: dict, workloads: list[Workload], rss:
         f"Its latency is one request processed alone.",
         "- **N**: `python load/naive_app.py` (FastAPI, uvicorn, 1 worker, the same core per "
         "request, no batching, no Ray).",
-        f"- **S**: `{s_cmd}` (a copy on a free port, fresh `RFLOC_STATE_DIR`, "
-        "`RAY_ADDRESS=local`).",
+        *([f"- **S**: `{s_cmd}` (a copy on a free port, fresh `RFLOC_STATE_DIR`, "
+           "`RAY_ADDRESS=local`)."] if s_cmd != "—" else []),
         *[f"- **P {PEERS[n]}**: `python load/peers/run.py {n}` ({how}): the same core "
           "behind the peer's own adaptive batching, N's bodies and answers "
           "(load/README.md \"Peers\"); no OIP binary endpoint." for n, how in
