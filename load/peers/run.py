@@ -117,6 +117,8 @@ def _mlserver(venv: Path, port: int, s: dict[str, str], tmp: Path) -> list[str]:
         "parallel_workers": int(s["parallel_workers"]),
         # Best throughput: no access log (debug), no Prometheus middleware, no gzip.
         "debug": False, "metrics_endpoint": None, "gzip_enabled": False,
+        # Its defaults are ./.metrics and ./.envs: nothing in the checkout.
+        "metrics_dir": str(tmp / "metrics"), "environments_dir": str(tmp / "envs"),
     }))
     model = tmp / "localization_model"
     model.mkdir()
