@@ -133,14 +133,17 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlserver", "bentoml"])
-def test_peer_server_answers_like_n(name, captures):
+@pytest.mark.parametrize("name,sets", [("mlserver", []), ("bentoml", []),
+                                       ("mlserver", ["batch_bodies=batched"]),
+                                       ("bentoml", ["batch_bodies=batched"])])
+def test_peer_server_answers_like_n(name, sets, captures):
     """run.py starts the peer; its HTTP answers are N's; SIGTERM leaves no process behind."""
     if not _venv_ready(name):
         pytest.skip(f"no {name} virtualenv: python load/peers/run.py {name} --prepare")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, str(REPO / "load" / "peers" / "run.py"), name,
-                             "--port", str(port)], stdout=subprocess.DEVNULL,
+                             "--port", str(port), *[a for kv in sets for a in ("--set", kv)]],
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

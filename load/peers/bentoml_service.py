@@ -11,7 +11,9 @@ Settings come from the environment (load/peers/run.py --set KEY=VALUE sets them)
 RFLOC_BENTO_WORKERS (processes, default 1), RFLOC_BENTO_THREADS (threads running the
 batched method, default 1), RFLOC_BENTO_MAX_BATCH (bodies per batch, default 32),
 RFLOC_BENTO_MAX_LATENCY_MS (default 10000, see below), RFLOC_BENTO_ASYNC (1, the default:
-the batched method runs on the event loop; 0: in BentoML's thread pool).
+the batched method runs on the event loop; 0: in BentoML's thread pool),
+RFLOC_BENTO_BATCH_BODIES ("batched", the default, or "direct": /predict/batch is not a
+batchable API, each batch body runs on its own).
 
 BentoML's dispatcher cancels a queued request as soon as its estimated latency (queue wait
 plus the fitted cost of the batch) passes `max_latency_ms`, and the request gets a 503
@@ -35,6 +37,7 @@ THREADS = int(os.environ.get("RFLOC_BENTO_THREADS", "1"))
 MAX_BATCH = int(os.environ.get("RFLOC_BENTO_MAX_BATCH", "32"))
 MAX_LATENCY_MS = int(os.environ.get("RFLOC_BENTO_MAX_LATENCY_MS", "10000"))
 ON_LOOP = os.environ.get("RFLOC_BENTO_ASYNC", "1") == "1"
+BATCH_BODIES_BATCHED = os.environ.get("RFLOC_BENTO_BATCH_BODIES", "batched") == "batched"
 
 
 class RawBody(IORootModel[list[bytes]]):
@@ -56,9 +59,9 @@ class JsonAnswer(IORootModel[list[Any]]):
         return Response(body, status_code=status, media_type="application/json")
 
 
-def _api(route: str) -> Any:
-    """A batchable API at `route` taking and answering raw JSON bodies."""
-    return bentoml.api(route=route, batchable=True, max_batch_size=MAX_BATCH,
+def _api(route: str, batchable: bool = True) -> Any:
+    """An API at `route` taking and answering raw JSON bodies (a list of one, unbatched)."""
+    return bentoml.api(route=route, batchable=batchable, max_batch_size=MAX_BATCH,
                        max_latency_ms=MAX_LATENCY_MS, input_spec=RawBody, output_spec=JsonAnswer)
 
 
@@ -82,7 +85,7 @@ class Localizer:
             """Localize one capture per body: N's body and answer."""
             return self.core.answer(bodies, [False] * len(bodies))
 
-        @_api("/predict/batch")
+        @_api("/predict/batch", BATCH_BODIES_BATCHED)
         async def predict_batch(self, bodies: list[bytes]) -> list[Answer]:
             """Localize several captures per body: N's batch body and answer."""
             return self.core.answer(bodies, [True] * len(bodies))
@@ -92,7 +95,7 @@ class Localizer:
             """Localize one capture per body: N's body and answer."""
             return self.core.answer(bodies, [False] * len(bodies))
 
-        @_api("/predict/batch")
+        @_api("/predict/batch", BATCH_BODIES_BATCHED)
         def predict_batch(self, bodies: list[bytes]) -> list[Answer]:
             """Localize several captures per body: N's batch body and answer."""
             return self.core.answer(bodies, [True] * len(bodies))

@@ -76,5 +76,13 @@ class RflocRuntime(MLModel):
 
     @custom_handler(rest_path="/predict/batch")
     async def predict_batch_json(self, body: bytes = Depends(raw_body)) -> Response:
-        """Localize several captures: N's batch body and answer."""
+        """Localize several captures: N's batch body and answer.
+
+        With the model setting `parameters.extra.batch_bodies` "direct" a batch body, a
+        batch already, skips the adaptive batching and runs on its own.
+        """
+        extra = (self.settings.parameters.extra if self.settings.parameters else None) or {}
+        if extra.get("batch_bodies") == "direct":
+            [(status, answer)] = self.core.answer([body], [True])
+            return Response(answer, status_code=status, media_type="application/json")
         return await self._answer(body, True)

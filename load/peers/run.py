@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2), Linux
 
 
 @dataclass(frozen=True)
@@ -49,21 +51,26 @@ class Peer:
 PEERS = {
     "mlserver": Peer(
         "mlserver",
-        {"parallel_workers": "0", "max_batch_size": "32", "max_batch_time": "0.005"},
+        {"parallel_workers": "0", "max_batch_size": "32", "max_batch_time": "0.005",
+         "batch_bodies": "direct"},
         "/v2/models/localization_model/ready",
         {"parallel_workers": "MLServer's inference worker processes (0: in the server "
                              "process)",
          "max_batch_size": "adaptive batching: requests per batch",
-         "max_batch_time": "adaptive batching: seconds to wait for a batch to fill"}),
+         "max_batch_time": "adaptive batching: seconds to wait for a batch to fill",
+         "batch_bodies": "batched: /predict/batch bodies go through the adaptive batching "
+                         "too; direct: each runs on its own"}),
     "bentoml": Peer(
         "bentoml",
         {"workers": "1", "threads": "1", "max_batch_size": "32", "max_latency_ms": "10000",
-         "async": "1"},
+         "async": "1", "batch_bodies": "direct"},
         "/readyz",
         {"workers": "service processes", "threads": "threads running the batched method",
          "max_batch_size": "adaptive batching: bodies per batch",
          "max_latency_ms": "adaptive batching: latency bound before a request is refused",
-         "async": "1: the batched method runs on the event loop, not in a thread"}),
+         "async": "1: the batched method runs on the event loop, not in a thread",
+         "batch_bodies": "batched: /predict/batch is a batchable API too; direct: each "
+                         "batch body runs on its own"}),
 }
 
 
@@ -126,6 +133,7 @@ def _mlserver(venv: Path, port: int, s: dict[str, str], tmp: Path) -> list[str]:
         "name": "localization_model", "implementation": "mlserver_runtime.RflocRuntime",
         "max_batch_size": int(s["max_batch_size"]),
         "max_batch_time": float(s["max_batch_time"]),
+        "parameters": {"extra": {"batch_bodies": s["batch_bodies"]}},
     }))
     return [str(venv / "bin" / "mlserver"), "start", str(tmp)]
 
@@ -137,7 +145,7 @@ def _bentoml(venv: Path, port: int, s: dict[str, str], env: dict[str, str],
                 "RFLOC_BENTO_WORKERS": s["workers"], "RFLOC_BENTO_THREADS": s["threads"],
                 "RFLOC_BENTO_MAX_BATCH": s["max_batch_size"],
                 "RFLOC_BENTO_MAX_LATENCY_MS": s["max_latency_ms"],
-                "RFLOC_BENTO_ASYNC": s["async"]})
+                "RFLOC_BENTO_ASYNC": s["async"], "RFLOC_BENTO_BATCH_BODIES": s["batch_bodies"]})
     return [str(venv / "bin" / "bentoml"), "serve", "bentoml_service:Localizer",
             "--host", "127.0.0.1", "--port", str(port), "--working-dir", str(HERE)]
 
@@ -174,6 +182,9 @@ def serve(peer: Peer, port: int, settings: dict[str, str], grace_s: float = 30.0
     shown = " ".join(f"{k}={v}" for k, v in settings.items())
     print(f"run.py: {peer.name} on http://127.0.0.1:{port} ({shown})", file=sys.stderr,
           flush=True)
+    # Orphans of the server (a worker whose parent exited first) become our children.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     child = subprocess.Popen(argv, env=env, cwd=HERE)
     stopping = False
 
@@ -193,12 +204,17 @@ def serve(peer: Peer, port: int, settings: dict[str, str], grace_s: float = 30.0
                 if stopping:  # the grace period is over
                     return -1
     finally:
-        left = descendants(os.getpid())
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if child.poll() is None:
-            child.wait(10)
+        # The server's processes that outlived it were handed to us (the subreaper): none
+        # is left behind, and none is left a zombie.
+        deadline = time.monotonic() + 10
+        while (left := descendants(os.getpid())) and time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            time.sleep(0.05)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
