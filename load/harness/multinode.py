@@ -30,7 +30,10 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 class TwoNodeCluster:
     """Head on 10.213.<n>.1 (root netns), worker on 10.213.<n>.2 (its own netns)."""
 
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str], *, head_cpus: int = 2,
+                 worker_cpus: int = 1, head_cores: str | None = None,
+                 worker_cores: str | None = None) -> None:
+        """`*_cpus` are the nodes' logical CPUs; `*_cores` pin a node's processes (taskset)."""
         n = os.getpid() % 200 + 20
         self.ns = f"rfloc-w{os.getpid()}"
         self.veth_head, self.veth_worker = f"rfh{os.getpid()}", f"rfw{os.getpid()}"
@@ -42,12 +45,16 @@ class TwoNodeCluster:
         self.env = {**os.environ, **env, "RAY_AUTH_MODE": "token"}
         self.env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # explicit node IPs here
         self.ray = shutil.which("ray") or "ray"
+        self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
+        self._pin = {"head": ["taskset", "-c", head_cores] if head_cores else [],
+                     "worker": ["taskset", "-c", worker_cores] if worker_cores else []}
 
     @property
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def start(self) -> None:
+    def start(self, worker: bool = True) -> None:
+        """Both nodes (or the head alone), then wait for the head's dashboard."""
         _run("ip", "netns", "add", self.ns)
         _run("ip", "link", "add", self.veth_head, "type", "veth", "peer", "name", self.veth_worker)
         _run("ip", "link", "set", self.veth_worker, "netns", self.ns)
@@ -61,14 +68,16 @@ class TwoNodeCluster:
         subprocess.run([self.ray, "get-auth-token", "--generate"], env=self.env,
                        capture_output=True, timeout=60)
         p = subprocess.run(
-            [self.ray, "start", "--head", f"--node-ip-address={self.head_ip}",
-             f"--port={self.gcs_port}", "--num-cpus=2", f"--temp-dir={self.temp_dir}",
+            [*self._pin["head"], self.ray, "start", "--head",
+             f"--node-ip-address={self.head_ip}", f"--port={self.gcs_port}",
+             f"--num-cpus={self.head_cpus}", f"--temp-dir={self.temp_dir}",
              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats"],
             env=self.env, capture_output=True, text=True, timeout=180)
         if p.returncode:
             raise RuntimeError(f"ray start --head failed: {p.stderr[-3000:]}")
-        self.start_worker()
+        if worker:
+            self.start_worker()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -82,9 +91,10 @@ class TwoNodeCluster:
 
     def start_worker(self) -> None:
         p = subprocess.run(
-            ["ip", "netns", "exec", self.ns, self.ray, "start",
+            ["ip", "netns", "exec", self.ns, *self._pin["worker"], self.ray, "start",
              f"--address={self.head_ip}:{self.gcs_port}", f"--node-ip-address={self.worker_ip}",
-             "--num-cpus=1", "--resources", '{"worker_node": 1}', "--disable-usage-stats"],
+             f"--num-cpus={self.worker_cpus}", "--resources", '{"worker_node": 1}',
+             "--disable-usage-stats"],
             env=self.env, capture_output=True, text=True, timeout=180)
         if p.returncode:
             raise RuntimeError(f"ray start (worker) failed: {p.stderr[-3000:]}")
@@ -115,6 +125,9 @@ class TwoNodeCluster:
     def worker_pids(self) -> set[int]:
         return descendants(pids_matching(f"--node_ip_address={self.worker_ip}")
                          | pids_matching(f"--node-ip-address={self.worker_ip}"))
+
+    def head_pids(self) -> set[int]:
+        return descendants(pids_matching(str(self.temp_dir))) - self.worker_pids()
 
     def stop_worker(self) -> None:
         """Take the worker node down hard, as a failed machine would go."""
