@@ -156,3 +156,32 @@ def test_ingress_over_a_fake_chain(network, captures, app_args):
 
 async def _call(method, *args):
     return await method.remote(*args)
+
+
+def test_health_answers_without_the_exception_text(network, app_args):
+    """A model replica that fails /health's call: 503 "model not ready", no exception text."""
+    from deployments.ingress import Ingress
+
+    secret = "/srv/secret-model-dir/token=s3cr3t-7f2a at 10.9.8.7:52341"
+
+    @serve.deployment
+    class Stage:
+        def __call__(self, group):
+            return group
+
+    @serve.deployment
+    class BrokenModel:
+        def __call__(self, group, alias, version):
+            raise RuntimeError(secret)
+
+        def info(self):
+            raise RuntimeError(secret)
+
+    handle = _run(Ingress.bind(Stage.bind(), BrokenModel.bind(), Stage.bind(), app_args))
+    response = asyncio.run(_call(handle.health))
+    body = response.body.decode()
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "2"
+    assert "model not ready" in body
+    for part in ("secret", "s3cr3t", "10.9.8.7", "RuntimeError", "Traceback"):
+        assert part not in body, body
