@@ -27,6 +27,12 @@ LOOPBACK_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(64 * 1024 * 1024),
+    # HAProxy replays a request whose Ingress replica closed the connection without an
+    # answer (a replica killed mid-request) on another replica; predictions are
+    # idempotent. HAProxy replays only a request that fits one buffer: 512 KiB holds a
+    # standard capture (359 kB) and any up to 10 receivers in iq_b64 (docs/reliability.md).
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(512 * 1024),
     # Token authentication of the dashboard, the GCS and the replicas' gRPC servers (Ray
     # turns it on for a local cluster anyway; said here so that it stays on).
     "RAY_AUTH_MODE": "token",
