@@ -520,9 +520,10 @@ def start_rfloc_serve(workdir: Path, cfg: dict, extra_env: dict[str, str] | None
     url = f"http://127.0.0.1:{cfg['http_options']['port']}"
     try:
         wait_http(url + "/health", timeout_s=timeout_s)
-    except BaseException:
+    except BaseException as exc:
         stop_rfloc_serve(proc)
-        raise
+        log = (workdir / "serve.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"rfloc serve did not come up; its log ends:\n{log}") from exc
     return proc, url
 
 
