@@ -96,14 +96,14 @@ def ports_free(ports: tuple[int, ...] = (8404, 9101), timeout_s: float = 120.0) 
         time.sleep(1)
 
 
-def one_round(n: int, tmp: Path, kill: bool) -> dict:
+def one_round(n: int, tmp: Path, kill: bool, env: dict[str, str] | None = None) -> dict:
     ports_free()
     cfg = shipped(n)
-    proc, url = faults.start_rfloc_serve(tmp, cfg)
+    proc, url = faults.start_rfloc_serve(tmp, cfg, env)
     try:
         faults.wait_replicas(proc.pid, {"Ingress": n, **dict.fromkeys(DEPLOYMENTS[1:], 1)})
         time.sleep(10)  # HAProxy's reload once the Ingress replicas registered
-        out: dict = {"ingress_replicas": n, "loadavg": os.getloadavg(),
+        out: dict = {"ingress_replicas": n, "env": env or {}, "loadavg": os.getloadavg(),
                      "rss_idle_mb": ingress_rss(proc.pid),
                      "haproxy_rss_idle_mb": haproxy_rss(proc.pid)}
         port = int(cfg["http_options"]["port"])
@@ -155,15 +155,20 @@ def main() -> int:
     ap.add_argument("--no-kill", action="store_true")
     ap.add_argument("--uploads", action="store_true")
     ap.add_argument("--json", default="")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable for rfloc serve in the rounds marked "
+                         "with a trailing '+' in --order (e.g. 1,1+,2,2+)")
     a = ap.parse_args()
     results: dict = {"rounds": []}
     with tempfile.TemporaryDirectory(prefix="rfloc-ingress-") as tmp:
         if a.uploads:
             results["uploads"] = uploads(Path(tmp) / "up")
             print(json.dumps(results["uploads"]), flush=True)
-        for i, n in enumerate(int(x) for x in a.order.split(",") if x):
+        extra = dict(kv.split("=", 1) for kv in a.env)
+        for i, x in enumerate(x for x in a.order.split(",") if x):
+            n, env = int(x.rstrip("+")), extra if x.endswith("+") else None
             try:
-                res = one_round(n, Path(tmp) / f"r{i}", not a.no_kill)
+                res = one_round(n, Path(tmp) / f"r{i}", not a.no_kill, env)
             except RuntimeError as exc:  # a cluster that did not come up: the next round
                 res = {"ingress_replicas": n, "error": str(exc)[-3000:]}
             results["rounds"].append(res)

@@ -201,6 +201,7 @@ def phase_haproxy(args: argparse.Namespace, errors: list[str]) -> dict:
 def phase_ingress(args: argparse.Namespace, errors: list[str]) -> dict:
     """kill -9 of an Ingress replica under `rfloc serve` with the KubeRay manifest's replicas."""
     from load import faults
+    from serve_app.cli import HAPROXY_REPLAY_ENV
     from tests.conftest import cluster_config
 
     taken = [p for p in HAPROXY_PORTS if _port_taken(p)]
@@ -212,7 +213,7 @@ def phase_ingress(args: argparse.Namespace, errors: list[str]) -> dict:
     cfg["http_options"]["host"] = "127.0.0.1"
     proc = None
     try:
-        proc, url = faults.start_rfloc_serve(tmp, cfg)
+        proc, url = faults.start_rfloc_serve(tmp, cfg, HAPROXY_REPLAY_ENV)
         faults.wait_replicas(proc.pid, dict.fromkeys(
             ("Ingress", "Preprocessor", "LocalizationModel", "Postprocessor"), 2))
         time.sleep(10)  # HAProxy's reload once the Ingress replicas registered

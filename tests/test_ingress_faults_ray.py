@@ -15,6 +15,7 @@ import time
 import pytest
 
 from load import faults
+from serve_app.cli import HAPROXY_REPLAY_ENV
 from tests.conftest import cluster_config, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -37,7 +38,8 @@ def cluster_like(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ingress-faults")
     cfg = cluster_config(free_port())
     cfg["http_options"]["host"] = "127.0.0.1"  # one machine: loopback, as rfloc serve's
-    proc, url = faults.start_rfloc_serve(tmp, cfg)
+    # The manifest's pods set the replay of a request caught on a dying Ingress replica.
+    proc, url = faults.start_rfloc_serve(tmp, cfg, HAPROXY_REPLAY_ENV)
     wait_all(proc.pid, 2)
     yield proc, url
     faults.stop_rfloc_serve(proc)
@@ -45,8 +47,8 @@ def cluster_like(tmp_path_factory):
 
 def test_ingress_killed_under_load_loses_nothing(cluster_like):
     """A request caught on the killed replica is replayed on the other one by HAProxy
-    (`RAY_SERVE_HAPROXY_RETRY_ON` and `_TUNE_BUFSIZE`, set by `rfloc serve` as in the
-    KubeRay manifest); later ones go to the live replica once the dead one is marked down."""
+    (`RAY_SERVE_HAPROXY_RETRY_ON` and `_TUNE_BUFSIZE`, as the KubeRay manifest sets them);
+    later ones go to the live replica once the dead one is marked down."""
     proc, url = cluster_like
     row = faults.kill_ingress(url, proc.pid, faults.request_bodies(8), clients=4)
     print(f"\n{row.fault}: {row.load}; sent {row.sent}, failed {row.failed} {row.codes}, "
