@@ -12,6 +12,8 @@ Three phases, one after another, each in a fresh process with its own Ray instan
   haproxy    the same cluster with the environment `rfloc serve` sets (HAProxy, throughput-
              optimized Serve): a replica kill and the overload; skipped if HAProxy's fixed
              ports (8404, 9101) are taken by another cluster on the machine;
+  ingress    `rfloc serve` with the KubeRay manifest's replica counts (two of each): an Ingress
+             replica killed with SIGKILL under load; skipped like haproxy;
   multinode  the two-node cluster of load/harness/multinode.py (root, iproute2): its worker node
              stopped under load.
 Traffic goes to 127.0.0.1 and the netns test host only. Only the block between the GENERATED
@@ -178,6 +180,37 @@ def phase_haproxy(args: argparse.Namespace, errors: list[str]) -> dict:
     return out
 
 
+def phase_ingress(args: argparse.Namespace, errors: list[str]) -> dict:
+    """kill -9 of an Ingress replica under `rfloc serve` with the KubeRay manifest's replicas."""
+    from load.harness import cluster_config, faults
+    from serve_app.cli import HAPROXY_REPLAY_ENV
+
+    taken = [p for p in HAPROXY_PORTS if _port_taken(p)]
+    if taken:
+        return {"skipped": f"HAProxy's fixed ports {taken} are taken by another cluster"}
+    tmp = Path(tempfile.mkdtemp(prefix="rfloc-reliability-ingress-"))
+    out: dict = {"faults": []}
+    cfg = cluster_config(faults.free_port())
+    cfg["http_options"]["host"] = "127.0.0.1"
+    proc = None
+    try:
+        proc, url = faults.start_rfloc_serve(tmp, cfg, HAPROXY_REPLAY_ENV)
+        faults.wait_replicas(proc.pid, dict.fromkeys(
+            ("Ingress", "Preprocessor", "LocalizationModel", "Postprocessor"), 2))
+        time.sleep(10)  # HAProxy's reload once the Ingress replicas registered
+        row = _step("kill Ingress (HAProxy, 2 of each)", lambda: faults.kill_ingress(
+            url, proc.pid, faults.request_bodies(8), clients=4), errors)
+        if row is not None:
+            row.fault += (" — `rfloc serve`, HAProxy mode, the KubeRay manifest's replicas "
+                          "(2 of each)")
+        out["faults"].append(None if row is None else row.as_dict())
+    finally:
+        if proc is not None:
+            faults.stop_rfloc_serve(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def phase_multinode(args: argparse.Namespace, errors: list[str]) -> dict:
     """The worker node of a two-node cluster stopped under load (load/harness/multinode.py)."""
     import httpx
@@ -239,7 +272,8 @@ def phase_multinode(args: argparse.Namespace, errors: list[str]) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-PHASES = {"proxy": phase_proxy, "haproxy": phase_haproxy, "multinode": phase_multinode}
+PHASES = {"proxy": phase_proxy, "haproxy": phase_haproxy, "ingress": phase_ingress,
+          "multinode": phase_multinode}
 
 
 def _env_for(phase: str) -> dict[str, str]:
@@ -276,9 +310,9 @@ def render(m0: dict, m1: dict, results: dict[str, dict], elapsed_s: float) -> st
              '`"cache": false` unless stated).', "",
              "### Faults", "",
              "| fault | load during it | sent | failed | failure codes | recovery (s) "
-             "| p50 / max latency (ms) | what happened |",
+             "| p50 / p99 / max latency (ms) | what happened |",
              "|---|---|---|---|---|---|---|---|"]
-    for phase in ("proxy", "haproxy", "multinode"):
+    for phase in ("proxy", "haproxy", "ingress", "multinode"):
         res = results.get(phase, {})
         if "skipped" in res:
             lines.append(f"| {phase} phase skipped: {res['skipped']} | | | | | | | |")
@@ -288,7 +322,7 @@ def render(m0: dict, m1: dict, results: dict[str, dict], elapsed_s: float) -> st
             codes = ", ".join(f"{c}: {n}" for c, n in r["codes"].items()) or "—"
             lines.append(f"| {r['fault']} | {r['load']} | {r['sent']} | {r['failed']} | {codes} "
                          f"| {_fmt(r['recovery_s'])} | {_fmt(r['p50_ms'], 0)} / "
-                         f"{_fmt(r['max_ms'], 0)} | {r['notes']} |")
+                         f"{_fmt(r['p99_ms'], 0)} / {_fmt(r['max_ms'], 0)} | {r['notes']} |")
     bg = proxy.get("background")
     lines += ["", "### Hostile and malformed input", "",
               "Each class POSTed " + (
@@ -337,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="", help="also write the raw results here")
     ap.add_argument("--skip-multinode", action="store_true")
     ap.add_argument("--skip-haproxy", action="store_true")
+    ap.add_argument("--skip-ingress", action="store_true")
     ap.add_argument("--clients", type=int, default=600, help="clients of the overload")
     ap.add_argument("--max-examples", type=int, default=25, help="schemathesis, per mode")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
@@ -356,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     m0 = machine()
     results: dict[str, dict] = {}
     phases = [p for p in PHASES if not (p == "multinode" and args.skip_multinode)
-              and not (p == "haproxy" and args.skip_haproxy)]
+              and not (p == "haproxy" and args.skip_haproxy)
+              and not (p == "ingress" and args.skip_ingress)]
     with tempfile.TemporaryDirectory(prefix="rfloc-reliability-out-") as tmp:
         for phase in phases:
             print(f"=== phase {phase}", flush=True)

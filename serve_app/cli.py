@@ -31,6 +31,17 @@ LOOPBACK_ENV = {
     # turns it on for a local cluster anyway; said here so that it stays on).
     "RAY_AUTH_MODE": "token",
 }
+# With two or more Ingress replicas (the KubeRay manifest sets these on its pods): HAProxy
+# replays a request whose Ingress replica closed the connection without an answer (a
+# replica killed mid-request) on another replica; predictions are idempotent. HAProxy
+# replays only a request that fits one buffer: 512 KiB holds a standard capture (359 kB)
+# and any of up to 10 receivers in iq_b64. Not in `rfloc serve`'s defaults: with its one
+# Ingress replica there is no other replica to replay on, and the larger buffers cost
+# HAProxy memory under many connections (figures in docs/reliability.md).
+HAPROXY_REPLAY_ENV = {
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(512 * 1024),
+}
 # Only for the single machine of `rfloc serve`, not a cluster behind a load balancer: a
 # stopping direct-ingress replica stays open this long for an external balancer to
 # deregister it (Ray's default 30 s made Ctrl-C take 35 s). Here the only balancer is the

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import numpy as np
+import orjson
 import pytest
 from ray import serve
 
@@ -44,6 +45,9 @@ def replica_context():
         rank=None, world_size=1, _deployment_config=DeploymentConfig(max_ongoing_requests=128))
     yield
     context._INTERNAL_REPLICA_CONTEXT = None
+
+
+BROKEN_INFO: list[str] = []  # FakeModel.info raises with this text while it is set
 
 
 def _run(app):
@@ -120,6 +124,8 @@ def test_ingress_over_a_fake_chain(network, captures, app_args):
             return infer([group], self.model, ref)[0]
 
         def info(self):
+            if BROKEN_INFO:
+                raise RuntimeError(BROKEN_INFO[0])
             return {"model": ref.model_dump(), "registry_ok": True, "calls": self.calls}
 
     @serve.deployment
@@ -153,6 +159,22 @@ def test_ingress_over_a_fake_chain(network, captures, app_args):
     # The model replicas heard the alias's version from the Ingress's watcher.
     assert info["alias_version"] == "1" and info["calls"] == [(1, "production", "1")]
 
+    # /health while the model replica's call raises: 503 "model not ready" with
+    # Retry-After, and nothing of the exception (its text, type or a traceback) in the body.
+    assert asyncio.run(_call(handle.health)).status_code == 200
+    secret = "/srv/secret-model-dir/token=s3cr3t-7f2a at 10.9.8.7:52341"
+    BROKEN_INFO.append(secret)
+    try:
+        response = asyncio.run(_call(handle.health))
+    finally:
+        BROKEN_INFO.clear()
+    body = response.body.decode()
+    assert response.status_code == 503 and response.headers["retry-after"] == "2"
+    assert orjson.loads(body)["error"]["message"] == "model not ready"
+    for part in ("secret", "s3cr3t", "10.9.8.7", "RuntimeError", "Traceback"):
+        assert part not in body, body
+
 
 async def _call(method, *args):
     return await method.remote(*args)
+

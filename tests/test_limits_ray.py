@@ -81,3 +81,25 @@ def test_request_bytes_in_flight_are_bounded(app_url, sample_requests):
             break
         time.sleep(1)
     assert after["status"] != 503, after
+
+
+def test_concurrent_large_uploads_keep_the_ingress_rss_bounded(app_url, sample_requests):
+    """24 uploads of 60 MB at once (one 45 MB `iq_b64` each): refused, the Ingress's RSS
+    bounded (before the limits it grew by ~900 MiB and kept most of it)."""
+    from load import faults
+
+    args = shipped_config(0)["applications"][0]["args"]
+    budget_mb = int(args["max_inflight_body_bytes"]) / 2**20
+    pid = faults.replica_pid(faults.replica_names("rfloc", "Ingress")[0])
+    body = hostile.large_upload_body(sample_requests["b64"][0])
+    res = hostile.concurrent_uploads(app_url, body, 24, pid)
+    print(f"\n24 x {len(body) / 1e6:.0f} MB to /predict: {res['statuses']} in "
+          f"{res['seconds']:.1f} s; Ingress RSS {res['rss_before_mb']:.0f} → peak "
+          f"{res['rss_peak_mb']:.0f} → {res['rss_after_mb']:.0f} MiB")
+    assert set(res["statuses"]) <= {413, 503}, res["statuses"]
+    # A /predict body declared beyond the largest capture is refused before it is read;
+    # whatever is read stays within the replica's bytes-in-flight budget.
+    assert res["rss_peak_mb"] - res["rss_before_mb"] < budget_mb, res
+    r = httpx.post(app_url + "/predict", json={**sample_requests["b64"][0], "cache": False},
+                   timeout=60)
+    assert r.status_code == 200, r.text

@@ -347,14 +347,16 @@ def test_rayservice_is_sized_autoscaled_and_private():
 
 
 def test_rayservice_env_vars_are_documented_settings():
-    """Pod env: the service's settings, or the Serve options `rfloc serve` sets, same values."""
-    from serve_app.cli import LOOPBACK_ENV
+    """Pod env: the service's settings, or the Serve options `rfloc serve` sets (and the
+    replay of a request caught on a dying Ingress replica), same values."""
+    from serve_app.cli import HAPROXY_REPLAY_ENV, LOOPBACK_ENV
     from serve_app.docgen import env_names
     from serve_app.settings import EnvSettings
 
     known = {n for name, f in EnvSettings.model_fields.items() for n in env_names(name, f)}
     known |= MLFLOW_CLIENT_ENV
-    serve_opts = {k: v for k, v in LOOPBACK_ENV.items() if k.startswith("RAY_SERVE_")}
+    serve_opts = {k: v for k, v in {**LOOPBACK_ENV, **HAPROXY_REPLAY_ENV}.items()
+                  if k.startswith("RAY_SERVE_")}
     cluster = rayservice()["spec"]["rayClusterConfig"]
     [headc] = cluster["headGroupSpec"]["template"]["spec"]["containers"]
     [workerc] = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"]

@@ -5,7 +5,14 @@ two-node cluster; the fault scenarios (`faults`) and hostile input (`hostile`) a
 tests/ import load/ only through this package; nothing here imports tests/.
 """
 
-from .deploy import SHIPPED_CONFIG, deploy, grpc_options, shipped_config, with_second_app
+from .deploy import (
+    SHIPPED_CONFIG,
+    cluster_config,
+    deploy,
+    grpc_options,
+    shipped_config,
+    with_second_app,
+)
 from .http1 import Connection
 from .multinode import TwoNodeCluster
 from .net import TEST_HOSTS, check_target, free_port, wait_http
@@ -22,7 +29,8 @@ from .servers import MlflowServer, RedisServer
 
 __all__ = [
     "SERVE_NAMESPACE", "SHIPPED_CONFIG", "TEST_HOSTS", "Connection", "MlflowServer",
-    "RedisServer", "TwoNodeCluster", "check_target", "children_named", "cpu_s", "deploy",
+    "RedisServer", "TwoNodeCluster", "check_target", "children_named", "cluster_config",
+    "cpu_s", "deploy",
     "deployment_ready", "descendants", "free_port", "grpc_options", "pids_matching",
     "proxy_pids", "replica_names", "replica_pid", "rss_mb", "shipped_config", "wait_http",
     "wait_replaced", "with_second_app",

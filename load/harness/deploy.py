@@ -11,6 +11,7 @@ import yaml
 from .net import free_port
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "serve_config.yaml"
+RAYSERVICE = SHIPPED_CONFIG.parent / "kuberay" / "rayservice.yaml"
 
 
 def shipped_config(port: int, grpc_port: int | None = None) -> dict:
@@ -18,6 +19,23 @@ def shipped_config(port: int, grpc_port: int | None = None) -> dict:
     cfg = yaml.safe_load(SHIPPED_CONFIG.read_text())
     cfg["http_options"]["port"] = port
     cfg["grpc_options"]["port"] = grpc_port or free_port()
+    return cfg
+
+
+def cluster_config(port: int, cpu_scale: float = 0.5, one_node: bool = True) -> dict:
+    """The KubeRay manifest's serve config (two replicas of each deployment, HTTP on every
+    interface) on `port`, its CPU shares scaled to fit this machine; with `one_node`
+    without `max_replicas_per_node`, so that one node holds both replicas of each."""
+    docs = [d for d in yaml.safe_load_all(RAYSERVICE.read_text()) if d]
+    [service] = [d for d in docs if d["kind"] == "RayService"]
+    cfg = yaml.safe_load(service["spec"]["serveConfigV2"])
+    cfg["http_options"]["port"] = port
+    cfg["grpc_options"]["port"] = free_port()
+    for d in cfg["applications"][0]["deployments"]:
+        if one_node:
+            d.pop("max_replicas_per_node", None)
+        opts = d.setdefault("ray_actor_options", {})
+        opts["num_cpus"] = round(opts.get("num_cpus", 1) * cpu_scale, 3)
     return cfg
 
 

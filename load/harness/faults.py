@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,7 +34,7 @@ import orjson
 from .deploy import deploy, with_second_app
 from .http1 import Connection
 from .net import check_target, free_port, wait_http
-from .procs import children_named, cpu_s, rss_mb
+from .procs import children_named, cpu_s, descendants, rss_mb
 from .replicas import (
     SERVE_NAMESPACE,
     deployment_ready,
@@ -273,6 +276,116 @@ def kill_replica(url: str, deployment: str, bodies: list[bytes], *, app: str = "
     return summarize(f"{deployment} replica killed (ray.kill)", load, samples, recovery,
                      notes + f"; slowest answer across the kill {worst:.1f} s",
                      replaced_s=None if replaced is None else replaced - t_kill)
+
+
+def replica_processes(root: int, app: str, deployment: str) -> list[int]:
+    """PIDs of the replica processes of `app`/`deployment` among `root`'s descendants.
+
+    Found by the process title Ray gives a replica (`ray::ServeReplica:<app>:<deployment>`),
+    so no Ray driver is needed (e.g. for the cluster `rfloc serve` starts).
+    """
+    title = f"ray::ServeReplica:{app}:{deployment}".encode()
+    out = []
+    for pid in descendants({root}):
+        with contextlib.suppress(OSError):
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].strip()
+            if argv0 == title:
+                out.append(pid)
+    return sorted(out)
+
+
+def start_rfloc_serve(workdir: Path, cfg: dict, extra_env: dict[str, str] | None = None,
+                      timeout_s: float = 300.0) -> tuple[subprocess.Popen[bytes], str]:
+    """`rfloc serve --config` of `cfg` (fresh state and Ray token under `workdir`), once its
+    /health answers: (the process, its URL). Binds HAProxy mode's fixed ports."""
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "serve_config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RFLOC_", "REDIS_URL", "MLFLOW_", "RAY_ADDRESS"))}
+    env.update(RFLOC_STATE_DIR=str(workdir / "state"),
+               RAY_AUTH_TOKEN_PATH=str(workdir / "ray" / "auth_token"), **(extra_env or {}))
+    rfloc = shutil.which("rfloc") or str(Path(sys.executable).parent / "rfloc")
+    with (workdir / "serve.log").open("wb") as log:
+        proc = subprocess.Popen([rfloc, "serve", "--config", str(config)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{cfg['http_options']['port']}"
+    try:
+        wait_http(url + "/health", timeout_s=timeout_s)
+    except BaseException as exc:
+        stop_rfloc_serve(proc)
+        log = (workdir / "serve.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"rfloc serve did not come up; its log ends:\n{log}") from exc
+    return proc, url
+
+
+def stop_rfloc_serve(proc: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C `rfloc serve`, then SIGKILL whatever of its process tree is left."""
+    tree = descendants({proc.pid})
+    proc.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=120)
+    for pid in tree - {proc.pid}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_replicas(root: int, n: dict[str, int], app: str = "rfloc",
+                  timeout_s: float = 300.0) -> None:
+    """Wait until each deployment of `n` has that many replica processes under `root`."""
+    deadline = time.monotonic() + timeout_s
+    for deployment, count in n.items():
+        while len(replica_processes(root, app, deployment)) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {count} {deployment} replicas")
+            time.sleep(1)
+
+
+def kill_ingress(url: str, root: int, bodies: list[bytes], *, app: str = "rfloc",
+                 clients: int = 4, rate_rps: float | None = None, warm_s: float = 5.0,
+                 settle_s: float = 15.0, timeout_s: float = 180.0) -> Row:
+    """`kill -9` of one Ingress replica process (under `root`) under load.
+
+    Meant for HAProxy mode with two or more Ingress replicas: HAProxy sends each request to
+    an Ingress replica directly, so a request in flight on the killed one is lost unless
+    HAProxy retries it elsewhere. Serve starts a replacement; `settle_s` covers HAProxy's
+    reload once it registers. Recovery: from the kill until the replacement process exists
+    and the last failure (if any) is past.
+    """
+    before = replica_processes(root, app, "Ingress")
+    if not before:
+        raise RuntimeError(f"no Ingress replica process of {app} under pid {root}")
+    victim = before[0]
+    load = SteadyLoad(url, bodies, clients=clients, rate_rps=rate_rps)
+    replaced = None
+    with load:
+        time.sleep(warm_s)
+        t_kill = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        deadline = t_kill + timeout_s
+        while time.monotonic() < deadline:
+            now = set(replica_processes(root, app, "Ingress"))
+            if victim not in now and len(now) >= len(before) and now - set(before):
+                replaced = time.monotonic()
+                break
+            time.sleep(0.2)
+        time.sleep(settle_s)
+    samples = load.samples
+    last_bad = last_failure(samples, t_kill)
+    recovery = None if replaced is None else max(replaced, last_bad or 0.0) - t_kill
+    during = [s for s in samples if s.t_done >= t_kill]
+    worst = max((s.latency_s for s in during if s.status == 200), default=float("nan"))
+    notes = (f"{len(before)} Ingress replica(s) before; a new replica process after "
+             f"{replaced - t_kill:.1f} s" if replaced else "no replacement process appeared")
+    bad_at = [f"{s.t_sent - t_kill:+.1f}" for s in samples if s.status != 200]
+    if bad_at:
+        notes += f"; failed requests sent at {', '.join(bad_at[:10])} s from the kill"
+    return summarize("Ingress replica killed (kill -9)", load, samples, recovery,
+                     notes + f"; slowest answer after the kill {worst:.2f} s",
+                     replaced_s=None if replaced is None else replaced - t_kill,
+                     replicas=len(before))
 
 
 def freeze_replica(base_cfg: dict, deployment: str = "Preprocessor", *, freeze_s: float = 12.0,

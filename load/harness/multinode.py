@@ -137,6 +137,8 @@ class TwoNodeCluster:
 
     def stop(self) -> None:
         pids = descendants(pids_matching(str(self.temp_dir))) | self.worker_pids()
+        # The head's Ray client server names neither the temp dir nor a node IP flag.
+        pids |= descendants(pids_matching(f"--address={self.head_ip}:{self.gcs_port}"))
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
