@@ -8,7 +8,7 @@ free HTTP port, a fresh state directory) with the Ingress's `num_replicas` set, 
 measures: the RSS of the Ingress replica processes and of HAProxy idle and after load;
 single-capture throughput (`iq_b64`, 16 keep-alive connections, closed loop, 4 s warm-up,
 best of three 4 s phases, as docs/performance.md); a 10 s burst of 600 back-to-back clients
-(peak RSS of HAProxy and the Ingress); and `load/faults.py`'s `kill_ingress` (kill -9 of one
+(peak RSS of HAProxy and the Ingress); and `load/harness/faults.py`'s `kill_ingress` (kill -9 of one
 Ingress replica under 4 back-to-back clients). Rounds alternate the replica count so that
 both see the same machine load. Binds HAProxy mode's fixed ports: run it under the
 machine's fixed-ports lock (`flock /tmp/rfloc-fixed-ports.lock python load/...`).
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -33,15 +32,13 @@ sys.path.insert(0, str(REPO / "load"))
 
 from httpload import closed_loop, run  # noqa: E402
 
-from load import faults, hostile  # noqa: E402
+from load.harness import faults, hostile, shipped_config  # noqa: E402
 
 DEPLOYMENTS = ("Ingress", "Preprocessor", "LocalizationModel", "Postprocessor")
 
 
 def shipped(ingress_replicas: int) -> dict:
-    cfg = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
-    cfg["http_options"]["port"] = faults.free_port()
-    cfg["grpc_options"]["port"] = faults.free_port()
+    cfg = shipped_config(faults.free_port())
     for d in cfg["applications"][0]["deployments"]:
         if d["name"] == "Ingress":
             d["num_replicas"] = ingress_replicas
@@ -55,7 +52,7 @@ def ingress_rss(root: int) -> list[float]:
 def haproxy_rss(root: int) -> float:
     """RSS of the HAProxy processes under `root` (a reload briefly runs two), in MiB."""
     total = 0.0
-    for pid in faults.descendants(root):
+    for pid in faults.descendants({root}):
         try:
             if Path(f"/proc/{pid}/comm").read_text().strip() == "haproxy":
                 total += faults.rss_mb(pid)
