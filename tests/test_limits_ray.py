@@ -86,11 +86,11 @@ def test_request_bytes_in_flight_are_bounded(app_url, sample_requests):
 def test_concurrent_large_uploads_keep_the_ingress_rss_bounded(app_url, sample_requests):
     """24 uploads of 60 MB at once (one 45 MB `iq_b64` each): refused, the Ingress's RSS
     bounded (before the limits it grew by ~900 MiB and kept most of it)."""
-    from load import faults
+    from load.harness import replica_names, replica_pid
 
     args = shipped_config(0)["applications"][0]["args"]
     budget_mb = int(args["max_inflight_body_bytes"]) / 2**20
-    pid = faults.replica_pid(faults.replica_names("rfloc", "Ingress")[0])
+    pid = replica_pid(replica_names("rfloc", "Ingress")[0])
     body = hostile.large_upload_body(sample_requests["b64"][0])
     res = hostile.concurrent_uploads(app_url, body, 24, pid)
     print(f"\n24 x {len(body) / 1e6:.0f} MB to /predict: {res['statuses']} in "
