@@ -226,11 +226,12 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"machine": mach, "one": one, "two": two}, indent=2))
     if args.doc:
+        placed = "; ".join(f"{ip}: {', '.join(d)}" for ip, d in two["replicas_by_node"].items())
         section = (f"## Scale-out\n\n`python load/scale.py --duration {args.duration:g}` ({stamp}; "
                    f"{mach['nproc']} cores, {mach['cpu']}; load average at the end "
                    f"{loadavg()}). Each node is one core (`taskset`, `--num-cpus=1`); "
-                   f"replicas per node: {one['replicas_by_node']} / "
-                   f"{two['replicas_by_node']}.\n\n{text}\n")
+                   f"replicas on two nodes: {placed}. wrk: 16 connections (single) or 4 "
+                   f"(batch) per front door.\n\n{text}\n")
         doc = Path(args.doc)
         doc.write_text(replace_sections(doc.read_text(), {"Scale-out": section}))
     return 0
