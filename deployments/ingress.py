@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import threading
+from collections.abc import Callable
 
 import orjson
 from fastapi import Request
@@ -40,6 +41,12 @@ logger = logging.getLogger("ray.serve")
 DOCS_CSP = ("default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
             "style-src https://cdn.jsdelivr.net; img-src https://fastapi.tiangolo.com data:; "
             "connect-src 'self'; frame-ancestors 'none'")
+
+
+def _bearer(authorization: str | None) -> str | None:
+    """The token of a `Bearer <token>` Authorization value, else None."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return given if scheme.lower() == "bearer" and given else None
 
 
 def _batching(cfg: IngressConfig) -> Batching:
@@ -88,10 +95,13 @@ class Ingress(OpenInferenceProtocol):
 
     def _is_admin(self, authorization: str | None) -> bool:
         """Whether an Authorization value bears the admin token."""
+        given = _bearer(authorization)
+        return given is not None and self._token_matches(given)
+
+    def _token_matches(self, given: str) -> bool:
         token = self._env.admin_token
-        scheme, _, given = (authorization or "").partition(" ")
-        return token is not None and scheme.lower() == "bearer" and bool(given) and \
-            hmac.compare_digest(given.encode(), token.get_secret_value().encode())
+        return token is not None and hmac.compare_digest(
+            given.encode(), token.get_secret_value().encode())
 
     def reconfigure(self, config: dict) -> None:
         cfg = IngressConfig.model_validate(config or {})
@@ -124,30 +134,26 @@ class Ingress(OpenInferenceProtocol):
               openapi_extra=body_schema(CaptureRequest))
     async def predict(self, request: Request) -> Response:
         """Localize one capture."""
-        with self._inflight.hold() as held:
-            try:  # never read past what the largest valid capture needs
-                body = await read_body(request, min(self._args.max_body_bytes,
-                                                    MAX_CAPTURE_BODY_BYTES), held)
-            except (InvalidInput, Unavailable) as exc:
-                return respond(rest.error_answer(exc))
-            pinned = request.headers.get(rest.PIN_HEADER)
-            admin = self._is_admin(request.headers.get("authorization"))
-            return respond(await rest.predict(self._service, self._network, body, pinned,
-                                              admin))
+        # never read past what the largest valid capture needs
+        limit = min(self._args.max_body_bytes, MAX_CAPTURE_BODY_BYTES)
+        return await self._answer(request, limit, rest.predict)
 
     @app.post("/predict/batch", response_model=BatchResponse, responses=ERRORS,
               openapi_extra=body_schema(BatchRequest))
     async def predict_batch(self, request: Request) -> Response:
         """Localize several captures; a bad capture gets its own error entry."""
+        return await self._answer(request, self._args.max_body_bytes, rest.predict_batch)
+
+    async def _answer(self, request: Request, limit: int, handler: Callable) -> Response:
+        """Read the body within `limit` and the bytes-in-flight budget, then `handler` it."""
         with self._inflight.hold() as held:
             try:
-                body = await read_body(request, self._args.max_body_bytes, held)
+                body = await read_body(request, limit, held)
             except (InvalidInput, Unavailable) as exc:
                 return respond(rest.error_answer(exc))
             pinned = request.headers.get(rest.PIN_HEADER)
             admin = self._is_admin(request.headers.get("authorization"))
-            return respond(await rest.predict_batch(self._service, self._network, body,
-                                                    pinned, admin))
+            return respond(await handler(self._service, self._network, body, pinned, admin))
 
     @app.get("/receivers")
     async def receivers(self) -> dict:
@@ -224,11 +230,10 @@ class Ingress(OpenInferenceProtocol):
         if token is None:
             return respond(rest.error(403, None,
                                       "admin endpoints are disabled: set RFLOC_ADMIN_TOKEN"))
-        auth = request.headers.get("authorization", "")
-        scheme, _, given = auth.partition(" ")
-        if scheme.lower() != "bearer" or not given:
+        given = _bearer(request.headers.get("authorization"))
+        if given is None:
             return respond(rest.error(401, "Authorization", "bearer token required",
                                       {"WWW-Authenticate": "Bearer"}))
-        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        if not self._token_matches(given):
             return respond(rest.error(403, "Authorization", "invalid token"))
         return None
