@@ -152,13 +152,19 @@ def _port_taken(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _haproxy_ports_busy() -> dict | None:
+    """A phase's "skipped" entry when another cluster holds HAProxy's fixed ports."""
+    taken = [p for p in HAPROXY_PORTS if _port_taken(p)]
+    return {"skipped": f"HAProxy's fixed ports {taken} are taken by another cluster"} \
+        if taken else None
+
+
 def phase_haproxy(args: argparse.Namespace, errors: list[str]) -> dict:
     """A replica kill and the overload with `rfloc serve`'s environment (HAProxy)."""
     from load.harness import faults
 
-    taken = [p for p in HAPROXY_PORTS if _port_taken(p)]
-    if taken:
-        return {"skipped": f"HAProxy's fixed ports {taken} are taken by another cluster"}
+    if busy := _haproxy_ports_busy():
+        return busy
     state = Path(tempfile.mkdtemp(prefix="rfloc-reliability-ha-"))
     out: dict = {"faults": []}
     try:
@@ -185,9 +191,8 @@ def phase_ingress(args: argparse.Namespace, errors: list[str]) -> dict:
     from load.harness import cluster_config, faults
     from serve_app.cli import HAPROXY_REPLAY_ENV
 
-    taken = [p for p in HAPROXY_PORTS if _port_taken(p)]
-    if taken:
-        return {"skipped": f"HAProxy's fixed ports {taken} are taken by another cluster"}
+    if busy := _haproxy_ports_busy():
+        return busy
     tmp = Path(tempfile.mkdtemp(prefix="rfloc-reliability-ingress-"))
     out: dict = {"faults": []}
     cfg = cluster_config(faults.free_port())

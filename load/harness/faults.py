@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -438,6 +438,15 @@ def freeze_replica(base_cfg: dict, deployment: str = "Preprocessor", *, freeze_s
                      freeze_s=freeze_s, slowest_s=worst)
 
 
+def _first_time(check: Callable[[], bool], deadline: float, interval_s: float) -> float | None:
+    """The monotonic time `check()` first held, polling until `deadline`; None if never."""
+    while time.monotonic() < deadline:
+        if check():
+            return time.monotonic()
+        time.sleep(interval_s)
+    return None
+
+
 def _cache_health(url: str) -> dict:
     return httpx.get(url + "/health", timeout=10).json().get("cache", {})
 
@@ -474,14 +483,13 @@ def redis_restart(base_cfg: dict, *, clients: int = 4, rate_rps: float = 20.0,
                 down = _cache_health(url)
                 t_restart = time.monotonic()
                 redis.start()
-                recovered = None
                 hits0 = _cache_health(url)["stats"]["hits"]
-                while time.monotonic() < t_restart + timeout_s:
+
+                def hitting() -> bool:
                     h = _cache_health(url)
-                    if h.get("breaker") == "closed" and h["stats"]["hits"] > hits0:
-                        recovered = time.monotonic()
-                        break
-                    time.sleep(0.2)
+                    return h.get("breaker") == "closed" and h["stats"]["hits"] > hits0
+
+                recovered = _first_time(hitting, t_restart + timeout_s, 0.2)
                 time.sleep(settle_s)
             samples = load.samples
         finally:
@@ -581,14 +589,13 @@ def registry_unreachable(base_cfg: dict, admin_token: str, *, clients: int = 4,
                 degraded = httpx.get(url + "/health", timeout=30).json().get("status")
                 t_restart = time.monotonic()
                 server.start()
-                recovered = None
-                while time.monotonic() < t_restart + timeout_s:
+
+                def reloaded() -> bool:
                     r = httpx.post(url + "/model/reload", headers=headers, timeout=60)
-                    if r.status_code == 200 and httpx.get(
-                            url + "/health", timeout=30).json().get("status") == "ok":
-                        recovered = time.monotonic()
-                        break
-                    time.sleep(0.5)
+                    return r.status_code == 200 and httpx.get(
+                        url + "/health", timeout=30).json().get("status") == "ok"
+
+                recovered = _first_time(reloaded, t_restart + timeout_s, 0.5)
                 time.sleep(1.0)
             samples = load.samples
         finally:
